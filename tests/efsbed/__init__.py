@@ -1,0 +1,1 @@
+"""The local EFS test bed: a stand-in for the cloud on one machine (see tests/efsbed/README.md)."""

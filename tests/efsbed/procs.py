@@ -15,11 +15,14 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, List, Mapping, Optional, Sequence, Union
+from typing import IO, List, Mapping, Optional, Sequence, Set, Union
 
 import psutil
 
 TAG_ENV = "EFSBED_TAG"
+
+# Every tag this Python process started something under: the session's leak check reads it.
+STARTED_TAGS: Set[str] = set()
 
 
 def new_tag() -> str:
@@ -103,6 +106,7 @@ def start(
     """Start argv in a new session (its own process group), tagged with tag."""
     full_env = dict(os.environ if env is None else env)
     full_env[TAG_ENV] = tag
+    STARTED_TAGS.add(tag)
     out = open(log, "ab") if log else subprocess.DEVNULL
     try:
         popen = subprocess.Popen(

@@ -1,0 +1,321 @@
+"""Mount options: one parser for the mount helper and the Docker volume plugin.
+
+Policy choices (documented here because users will hit them):
+- A typed option given twice: the last one wins, as with mount(8) and mount.nfs.
+- Options that only mount(8)/systemd understand (``_netdev``, ``nofail``,
+  ``noauto``, ``x-*`` ...) are accepted from fstab and dropped, never sent to NFS.
+- Every name and value is refused if it holds a control or otherwise
+  non-printable character; values that can reach the tunnel configuration or
+  a URL are checked by strict patterns, so ``=``, ``[`` or a newline can never
+  smuggle configuration into stunnel.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, fields
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from efsplug.errors import UsageError, shown
+
+FS_ID_RE = re.compile(r"fs-(?:[0-9a-f]{8}|[0-9a-f]{17})")
+ACCESS_POINT_RE = re.compile(r"fsap-[0-9a-f]{17}")
+REGION_RE = re.compile(r"[a-z]{2}(?:-[a-z]+)+-[0-9]{1,2}")
+AZ_RE = re.compile(r"[a-z]{2}(?:-[a-z]+)+-[0-9]{1,2}[a-z]")
+PROFILE_RE = re.compile(r"[A-Za-z0-9_.+@-]+")
+CREDS_URI_RE = re.compile(r"/[A-Za-z0-9._~/-]*")
+SAFE_PATH_RE = re.compile(r"/[A-Za-z0-9._+@/-]*")
+OPTION_NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
+IPV4_RE = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}")
+PORT_RE = re.compile(r"[0-9]{1,5}")
+
+USAGE = "mount.efs <fs-id>[:/path] <mountpoint> [-o <options>] [-f] [-n] [-s] [-v]"
+
+FLAG_OPTIONS = ("tls", "iam", "ocsp", "noocsp", "crossaccount")
+VALUE_OPTIONS = (
+    "tlsport", "awsprofile", "awscredsuri", "accesspoint", "region", "az",
+    "mounttargetip", "netns", "verify", "cafile",
+)
+EFS_OPTIONS = frozenset(FLAG_OPTIONS + VALUE_OPTIONS)
+# Understood by mount(8) or systemd, meaningless (or fatal) to mount.nfs4.
+MOUNT8_ONLY = frozenset(
+    {"_netdev", "nofail", "auto", "noauto", "defaults", "user", "nouser", "users", "owner", "group", "comment"}
+)
+
+NFS_DEFAULTS: Tuple[Tuple[str, Optional[str]], ...] = (
+    ("nfsvers", "4.1"),
+    ("rsize", "1048576"),
+    ("wsize", "1048576"),
+    ("hard", None),
+    ("timeo", "600"),
+    ("retrans", "2"),
+    ("noresvport", None),
+)
+# A user option on the right replaces every default named on the left.
+_OVERRIDES: Dict[str, Tuple[str, ...]] = {
+    "vers": ("nfsvers",), "nfsvers": ("nfsvers",), "soft": ("hard",), "hard": ("hard",),
+    "resvport": ("noresvport",), "noresvport": ("noresvport",),
+}
+
+NfsOptions = Tuple[Tuple[str, Optional[str]], ...]
+
+
+@dataclass(frozen=True)
+class MountOptions:
+    """What ``-o`` says, typed; everything efsplug does not own is in ``nfs_options``."""
+
+    tls: bool = False
+    tlsport: Optional[int] = None
+    iam: bool = False
+    awsprofile: Optional[str] = None
+    awscredsuri: Optional[str] = None
+    accesspoint: Optional[str] = None
+    region: Optional[str] = None
+    az: Optional[str] = None
+    mounttargetip: Optional[str] = None
+    netns: Optional[str] = None
+    ocsp: Optional[bool] = None  # True: ocsp, False: noocsp, None: config decides
+    verify: Optional[int] = None
+    cafile: Optional[str] = None
+    crossaccount: bool = False
+    nfs_options: NfsOptions = ()
+
+
+@dataclass(frozen=True)
+class MountRequest(MountOptions):
+    """A complete, validated request; ``mountpoint`` is None for the Docker plugin."""
+
+    fs_id: str = ""
+    path: str = "/"
+    mountpoint: Optional[str] = None
+    fake: bool = False
+    no_mtab: bool = False
+    sloppy: bool = False
+    verbose: bool = False
+
+    def __post_init__(self) -> None:
+        # Guard against building a request that skipped parse_device.
+        if not FS_ID_RE.fullmatch(self.fs_id):
+            raise UsageError(f"file system id {shown(self.fs_id)} is invalid; use fs- and 8 or 17 hex digits")
+
+
+# --- values ------------------------------------------------------------------------------
+
+def _check_printable(what: str, text: str) -> None:
+    if not text.isprintable():
+        raise UsageError(f"{what} {shown(text)} contains a control or non-printable character; remove it")
+
+
+def _bad(name: str, value: str, fix: str) -> UsageError:
+    return UsageError(f"option '{name}' value {shown(value)} is invalid; {fix}")
+
+
+def _safe_path(name: str, value: str) -> str:
+    if not SAFE_PATH_RE.fullmatch(value) or _has_dotdot(value):
+        raise _bad(name, value, "use an absolute path of letters, digits and ._+@/- without '..'")
+    return value
+
+
+def _has_dotdot(path: str) -> bool:
+    return ".." in path.split("/")
+
+
+def _int_in(name: str, value: str, low: int, high: int) -> int:
+    if not PORT_RE.fullmatch(value) or not low <= int(value) <= high:
+        raise _bad(name, value, f"use a whole number from {low} to {high}")
+    return int(value)
+
+
+def _typed_value(name: str, value: str):
+    if name == "tlsport":
+        return _int_in(name, value, 1, 65535)
+    if name == "verify":
+        return _int_in(name, value, 0, 3)
+    if name == "accesspoint":
+        if not ACCESS_POINT_RE.fullmatch(value):
+            raise _bad(name, value, "use fsap- followed by 17 lowercase hex digits")
+        return value
+    if name == "region":
+        return validate_region(value)
+    if name == "az":
+        if not AZ_RE.fullmatch(value):
+            raise _bad(name, value, "use an availability zone name like us-east-1a")
+        return value
+    if name == "awsprofile":
+        if not PROFILE_RE.fullmatch(value):
+            raise _bad(name, value, "use a profile name of letters, digits and _.+@-")
+        return value
+    if name == "awscredsuri":
+        if not CREDS_URI_RE.fullmatch(value) or value.startswith("//") or _has_dotdot(value):
+            raise _bad(name, value, "use an absolute path like /v2/credentials/<id>")
+        return value
+    if name == "mounttargetip":
+        try:
+            if not IPV4_RE.fullmatch(value):
+                raise ValueError(value)
+            return str(ipaddress.IPv4Address(value))
+        except ValueError:
+            raise _bad(name, value, "use an IPv4 address like 10.0.1.25") from None
+    # netns, cafile
+    return _safe_path(name, value)
+
+
+def validate_region(region: str) -> str:
+    _check_printable("region", region)
+    if not REGION_RE.fullmatch(region):
+        raise _bad("region", region, "use a region name like us-east-1")
+    return region
+
+
+# --- option string ---------------------------------------------------------------------
+
+def _split_items(text: str) -> List[Tuple[str, Optional[str]]]:
+    items: List[Tuple[str, Optional[str]]] = []
+    for raw in text.split(","):
+        if raw == "":
+            continue  # tolerate ",," and trailing commas, as mount(8) does
+        _check_printable("mount option", raw)
+        name, sep, value = raw.partition("=")
+        items.append((name, value if sep else None))
+    return items
+
+
+def parse_options(text: str) -> MountOptions:
+    """Parse and validate an ``-o`` string (no cross-option rules beyond those on options alone)."""
+    typed: Dict[str, object] = {}
+    nfs: List[Tuple[str, Optional[str]]] = []
+    for name, value in _split_items(text):
+        if name[:2] in ("x-", "X-") or name in MOUNT8_ONLY:
+            continue
+        if not OPTION_NAME_RE.fullmatch(name):
+            raise UsageError(f"mount option name {shown(name)} is invalid; use letters, digits, _ and -")
+        if name in FLAG_OPTIONS:
+            if value is not None:
+                raise UsageError(f"option '{name}' takes no value; write just {name}")
+            typed[name] = True
+        elif name in VALUE_OPTIONS:
+            if not value:
+                raise UsageError(f"option '{name}' needs a value; write {name}=<value>")
+            typed[name] = _typed_value(name, value)  # last one wins
+        else:
+            nfs.append((name, value))
+    return _combine(typed, tuple(nfs))
+
+
+def _combine(typed: Dict[str, object], nfs: NfsOptions) -> MountOptions:
+    if typed.get("ocsp") and typed.get("noocsp"):
+        raise UsageError("options 'ocsp' and 'noocsp' exclude each other; keep one")
+    ocsp = True if typed.pop("ocsp", None) else (False if typed.pop("noocsp", None) else None)
+    options = MountOptions(ocsp=ocsp, nfs_options=nfs, **typed)  # type: ignore[arg-type]
+    _check_rules(options)
+    return options
+
+
+def _check_rules(o: MountOptions) -> None:
+    if o.iam and not o.tls:
+        raise UsageError("option 'iam' requires 'tls'; add tls to -o")
+    if o.accesspoint and not o.tls:
+        raise UsageError("option 'accesspoint' requires 'tls'; add tls to -o")
+    for name in ("awsprofile", "awscredsuri"):
+        if getattr(o, name) is not None and not o.iam:
+            raise UsageError(f"option '{name}' requires 'iam'; add iam (and tls) to -o")
+    if o.awsprofile is not None and o.awscredsuri is not None:
+        raise UsageError("options 'awsprofile' and 'awscredsuri' exclude each other; keep one")
+    if o.tls and any(name == "port" for name, _ in o.nfs_options):
+        raise UsageError("options 'port' and 'tls' exclude each other; remove port (use tlsport for the tunnel)")
+
+
+# --- device and argv ------------------------------------------------------------------
+
+def parse_device(text: str) -> Tuple[str, str]:
+    """``fs-<id>[:/path]`` → (fs_id, path); path defaults to ``/``."""
+    _check_printable("device", text)
+    fs_id, sep, path = text.partition(":")
+    if not FS_ID_RE.fullmatch(fs_id):
+        raise UsageError(
+            f"device {shown(text)} is not an EFS file system; use fs-<8 or 17 lowercase hex digits>[:/path]"
+        )
+    if not sep:
+        return fs_id, "/"
+    if not path.startswith("/"):
+        raise UsageError(f"path {shown(path)} in device is not absolute; write {fs_id}:/<path>")
+    if _has_dotdot(path):
+        raise UsageError(f"path {shown(path)} in device contains '..'; write the path without it")
+    if "," in path:
+        raise UsageError(f"path {shown(path)} in device contains a comma; rename the directory or mount its parent")
+    return fs_id, path
+
+
+def _request(device: str, options: MountOptions, **extra) -> MountRequest:
+    fs_id, path = parse_device(device)
+    values = {f.name: getattr(options, f.name) for f in fields(MountOptions)}
+    return MountRequest(fs_id=fs_id, path=path, **values, **extra)
+
+
+def parse_mount_args(argv: Sequence[str]) -> MountRequest:
+    """Arguments as mount(8) passes them: ``<device> <dir> [-sfnv] [-o opts] [-t type]``."""
+    positional: List[str] = []
+    opts: List[str] = []
+    flags = {"f": False, "n": False, "s": False, "v": False}
+    args = list(argv)
+    i = 0
+    only_positional = False
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if only_positional or not arg.startswith("-") or arg == "-":
+            positional.append(arg)
+        elif arg == "--":
+            only_positional = True
+        elif arg.startswith("-o") or arg.startswith("-t"):
+            value = arg[2:]
+            if not value:
+                if i >= len(args):
+                    raise UsageError(f"argument {arg} needs a value; usage: {USAGE}")
+                value = args[i]
+                i += 1
+            if arg.startswith("-o"):
+                opts.append(value)
+        elif all(ch in flags for ch in arg[1:]):
+            for ch in arg[1:]:
+                flags[ch] = True
+        else:
+            raise UsageError(f"unknown argument {shown(arg)}; usage: {USAGE}")
+    if len(positional) != 2:
+        raise UsageError(f"expected a device and a mount point, got {len(positional)} arguments; usage: {USAGE}")
+    device, mountpoint = positional
+    _check_printable("mount point", mountpoint)
+    if not mountpoint.startswith("/"):
+        raise UsageError(f"mount point {shown(mountpoint)} is not absolute; give the full path")
+    options = parse_options(",".join(opts))
+    return _request(
+        device, options, mountpoint=mountpoint,
+        fake=flags["f"], no_mtab=flags["n"], sloppy=flags["s"], verbose=flags["v"],
+    )
+
+
+def request_from_driver_opts(device: str, o: str) -> MountRequest:
+    """Docker/ECS driver options ``device=`` and ``o=`` (no mount point yet)."""
+    if not device:
+        raise UsageError("volume option 'device' is missing; add -o device=fs-<id>[:/path]")
+    return _request(device, parse_options(o or ""))
+
+
+# --- NFS options -----------------------------------------------------------------------
+
+def nfs_mount_options(request: MountOptions, *, tunnel_port: Optional[int]) -> str:
+    """The ``-o`` for mount.nfs4: efs-utils' defaults, the tunnel port, then the user's options."""
+    if request.tls != (tunnel_port is not None):
+        raise ValueError("tunnel_port must be given exactly when the request uses TLS")
+    user = request.nfs_options
+    user_names = {name for name, _ in user}
+    replaced = set()
+    for name in user_names:
+        replaced.update(_OVERRIDES.get(name, (name,)))
+    defaults = [(n, v) for n, v in NFS_DEFAULTS if n not in replaced]
+    if "minorversion" in user_names and not user_names & {"vers", "nfsvers"}:
+        # nfsvers=4.1 would contradict a user's minorversion; let theirs decide.
+        defaults = [("nfsvers", "4") if n == "nfsvers" else (n, v) for n, v in defaults]
+    items = defaults + ([("port", str(tunnel_port))] if tunnel_port is not None else []) + list(user)
+    return ",".join(name if value is None else f"{name}={value}" for name, value in items)

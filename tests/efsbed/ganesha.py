@@ -1,0 +1,108 @@
+"""NFS-Ganesha in user space: the NFSv4.1 server behind each emulated export.
+
+One instance per export directory (the file system root, and one per access point root),
+each on its own loopback port; the host kernel has no NFS server of its own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from efsbed import procs
+
+GANESHA = "/usr/bin/ganesha.nfsd"
+
+
+def ganesha_config(*, port: int, export_dir: Path, recovery_dir: Path) -> str:
+    # Graceless: a fresh server must serve at once instead of waiting out a grace period.
+    return f"""\
+NFS_CORE_PARAM {{
+    Protocols = 4;
+    NFS_Port = {port};
+    Bind_addr = 127.0.0.1;
+    Enable_NLM = false;
+    Enable_RQUOTA = false;
+    Enable_UDP = false;
+}}
+NFSv4 {{
+    Graceless = true;
+    Minor_Versions = 0, 1, 2;
+    RecoveryBackend = fs;
+    RecoveryRoot = {recovery_dir};
+}}
+EXPORT {{
+    Export_Id = 1;
+    Path = {export_dir};
+    Pseudo = /;
+    Access_Type = RW;
+    Squash = No_Root_Squash;
+    SecType = sys;
+    Protocols = 4;
+    Transports = TCP;
+    FSAL {{
+        Name = VFS;
+    }}
+}}
+"""
+
+
+class Ganesha:
+    def __init__(self, workdir: Path, export_dir: Path, *, tag: str) -> None:
+        self.workdir = workdir
+        self.export_dir = export_dir
+        self.tag = tag
+        self._port: Optional[int] = None
+        self._process: Optional[procs.BedProcess] = None
+        self.config_path = workdir / "ganesha.conf"
+        self.log_path = workdir / "ganesha.log"
+        self.pid_path = workdir / "ganesha.pid"
+
+    def __repr__(self) -> str:
+        return f"Ganesha({str(self.export_dir)!r}, port={self._port})"
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("ganesha not started")
+        return self._port
+
+    def start(self) -> "Ganesha":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.export_dir.mkdir(parents=True, exist_ok=True)
+        recovery = self.workdir / "recovery"
+        recovery.mkdir(exist_ok=True)
+        self._port = procs.free_port()
+        self.config_path.write_text(
+            ganesha_config(port=self._port, export_dir=self.export_dir.resolve(), recovery_dir=recovery)
+        )
+        self._process = procs.start(
+            f"ganesha-{self.export_dir.name}",
+            [GANESHA, "-F", "-f", str(self.config_path), "-L", str(self.log_path), "-p", str(self.pid_path)],
+            tag=self.tag, log=self.workdir / "ganesha.stdout",
+        )
+        try:
+            procs.wait_for_port(self._port, timeout=30.0, process=self._process)
+        except BaseException as e:
+            self.stop()
+            raise RuntimeError(f"ganesha did not start: {e}\n{self.log_tail()}") from e
+        return self
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.stop()
+            self._process = None
+
+    def alive(self) -> bool:
+        return self._process is not None and self._process.alive()
+
+    def log_tail(self, lines: int = 20) -> str:
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def __enter__(self) -> "Ganesha":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

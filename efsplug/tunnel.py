@@ -1,0 +1,348 @@
+"""A running stunnel client for one mount: start, find again, check, reload, stop.
+
+The tunnel must outlive the process that started it (`mount.efs` exits right after the
+mount), so it runs in its own session, with `foreground = yes` so that the pid we hold is
+stunnel itself. Later callers find it again by a TunnelIdentity (pid + start time +
+command line) so a recycled pid is never mistaken for the tunnel: nothing is signalled
+unless all three still match.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Callable, Optional, Set, Tuple
+
+import psutil
+
+from efsplug.fsutil import atomic_write
+from efsplug.stunnel import TunnelSpec, render
+
+CLONE_NEWNET = 0x40000000
+NETNS_RUN_DIR = Path("/run/netns")
+_CREATE_TIME_TOLERANCE = 0.005  # psutil derives it from clock ticks (10 ms); same process => equal
+_TCP_LISTEN = "0A"
+_LOG_TAIL_LINES = 20
+
+
+class TunnelError(RuntimeError):
+    """The tunnel could not be started or controlled."""
+
+
+@dataclass(frozen=True)
+class TunnelIdentity:
+    """Who the tunnel process is; a pid alone may since belong to another process."""
+
+    pid: int
+    create_time: float
+    cmdline: Tuple[str, ...]
+
+    @classmethod
+    def of(cls, pid: int) -> "TunnelIdentity":
+        p = psutil.Process(pid)
+        with p.oneshot():
+            return cls(pid=pid, create_time=p.create_time(), cmdline=tuple(p.cmdline()))
+
+    def matches(self, process: psutil.Process) -> bool:
+        """True if process is the very process this identity was taken from."""
+        try:
+            with process.oneshot():
+                if process.status() == psutil.STATUS_ZOMBIE:
+                    return False
+                return (
+                    abs(process.create_time() - self.create_time) < _CREATE_TIME_TOLERANCE
+                    and tuple(process.cmdline()) == self.cmdline
+                )
+        except psutil.Error:
+            return False
+
+
+def netns_path(netns: str) -> Path:
+    """A namespace given as a path (/proc/<pid>/ns/net) or an `ip netns` name."""
+    return Path(netns) if "/" in netns else NETNS_RUN_DIR / netns
+
+
+def _setns_function() -> Callable[[int, int], None]:
+    """setns(2): os.setns on Python >= 3.12, else libc through ctypes."""
+    if hasattr(os, "setns"):
+        return os.setns  # type: ignore[attr-defined]
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc_setns = libc.setns
+
+    def setns(fd: int, nstype: int) -> None:
+        if libc_setns(fd, nstype) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+    return setns
+
+
+class _StartLog:
+    """Where stunnel's stdout/stderr go, and what it said since this start."""
+
+    def __init__(self, path: Optional[Path], scratch_dir: Path) -> None:
+        if path is not None:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            self.file: IO[bytes] = open(fd, "a+b")
+        else:
+            self.file = tempfile.TemporaryFile(dir=scratch_dir)
+        self.start = self.file.seek(0, os.SEEK_END)  # a shared log holds older runs too
+
+    def tail(self) -> str:
+        try:
+            self.file.seek(self.start)
+            lines = self.file.read().decode(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-_LOG_TAIL_LINES:])
+
+
+def _socket_inodes(pid: int) -> Set[str]:
+    inodes = set()
+    fd_dir = f"/proc/{pid}/fd"
+    for fd in os.listdir(fd_dir):
+        try:
+            target = os.readlink(f"{fd_dir}/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    return inodes
+
+
+def listening_on(pid: int, port: int) -> bool:
+    """True if process pid itself listens on 127.0.0.1:port.
+
+    Read from /proc/<pid>/net/tcp, which shows the sockets of *that process's* network
+    namespace, so the same check works for a tunnel started in another namespace (no
+    per-thread setns dance to connect there). Matching the socket inode against the
+    process's own descriptors means a different program that happens to hold the port
+    is not mistaken for our tunnel. It also sends nothing through the tunnel, so the
+    mount target sees no half-opened probe connections.
+    """
+    want = f"0100007F:{port:04X}"
+    try:
+        with open(f"/proc/{pid}/net/tcp") as f:
+            next(f, None)  # header
+            candidates = set()
+            for line in f:
+                cols = line.split()
+                if len(cols) > 9 and cols[1] == want and cols[3] == _TCP_LISTEN:
+                    candidates.add(cols[9])
+        if not candidates:
+            return False
+        return bool(candidates & _socket_inodes(pid))
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return False
+
+
+class Tunnel:
+    """One stunnel process serving one mount's local port."""
+
+    def __init__(
+        self,
+        identity: TunnelIdentity,
+        *,
+        spec: Optional[TunnelSpec] = None,
+        config_path: Optional[Path] = None,
+        log_path: Optional[Path] = None,
+        popen: Optional["subprocess.Popen[bytes]"] = None,
+    ) -> None:
+        self.identity = identity
+        self.spec = spec
+        self.config_path = config_path
+        self.log_path = log_path
+        self._popen = popen  # set when we are its parent: we must reap it
+
+    def __repr__(self) -> str:
+        return f"Tunnel(pid={self.identity.pid}, config={self.config_path})"
+
+    @property
+    def pid(self) -> int:
+        return self.identity.pid
+
+    @classmethod
+    def start(
+        cls,
+        spec: TunnelSpec,
+        *,
+        config_path: Path,
+        stunnel_binary: str,
+        ready_timeout: float = 10.0,
+        netns: Optional[str] = None,
+        log_path: Optional[Path] = None,
+    ) -> "Tunnel":
+        """Write the config (0600), start stunnel and wait until it listens.
+
+        stunnel's stdout/stderr go to log_path (appended) if given, else to an unlinked
+        temp file that only serves to quote stunnel's reason when it fails to start.
+        On any failure, whatever was started or written is removed before raising
+        TunnelError.
+        """
+        binary = shutil.which(stunnel_binary)
+        if binary is None:
+            raise TunnelError(f"stunnel binary {stunnel_binary!r} not found")
+        config_path = Path(config_path)
+        ns_fd: Optional[int] = None
+        if netns is not None:
+            ns_file = netns_path(netns)
+            try:
+                ns_fd = os.open(ns_file, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                raise TunnelError(f"cannot open network namespace {ns_file}: {e.strerror}") from None
+        popen: Optional["subprocess.Popen[bytes]"] = None
+        log: Optional[_StartLog] = None
+        try:
+            atomic_write(config_path, render(spec).encode(), 0o600)
+            log = _StartLog(log_path, config_path.parent)
+            preexec = None
+            if ns_fd is not None:
+                setns = _setns_function()  # resolved before fork: the child only calls it
+                fd_for_child = ns_fd
+
+                def preexec() -> None:
+                    setns(fd_for_child, CLONE_NEWNET)
+
+            try:
+                popen = subprocess.Popen(
+                    [binary, str(config_path)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log.file,
+                    stderr=log.file,
+                    start_new_session=True,  # survives our exit and our terminal's signals
+                    close_fds=True,
+                    preexec_fn=preexec,
+                )
+            except subprocess.SubprocessError:
+                # Only the preexec_fn (setns) raises this; the child never ran stunnel.
+                raise TunnelError(f"cannot enter network namespace {netns}") from None
+            try:
+                identity: Optional[TunnelIdentity] = TunnelIdentity.of(popen.pid)
+            except psutil.NoSuchProcess:
+                identity = None  # already exited: _wait_listening reports why
+            _wait_listening(popen, spec.accept_port, ready_timeout, log)
+            assert identity is not None
+            return cls(identity, spec=spec, config_path=config_path, log_path=log_path, popen=popen)
+        except BaseException:
+            if popen is not None:
+                _kill_child(popen)
+            try:
+                config_path.unlink()
+            except FileNotFoundError:
+                pass
+            raise
+        finally:
+            if ns_fd is not None:
+                os.close(ns_fd)
+            if log is not None:
+                log.file.close()
+
+    @classmethod
+    def from_identity(cls, identity: TunnelIdentity) -> Optional["Tunnel"]:
+        """The tunnel if that exact process still runs, else None (gone or pid reused)."""
+        try:
+            process = psutil.Process(identity.pid)
+        except psutil.Error:
+            return None
+        return cls(identity) if identity.matches(process) else None
+
+    def _process(self) -> Optional[psutil.Process]:
+        if self._popen is not None:
+            self._popen.poll()  # reap our own child so it does not linger as a zombie
+        try:
+            process = psutil.Process(self.identity.pid)
+        except psutil.Error:
+            return None
+        return process if self.identity.matches(process) else None
+
+    def alive(self) -> bool:
+        return self._process() is not None
+
+    def listening(self) -> bool:
+        """True if the tunnel process itself listens on its port (spec needed)."""
+        if self.spec is None:
+            raise TunnelError("listening() needs the tunnel's spec")
+        return self.alive() and listening_on(self.identity.pid, self.spec.accept_port)
+
+    def reload(self) -> None:
+        """SIGHUP: stunnel re-reads its config and certificate files; open connections stay."""
+        self._signal(signal.SIGHUP, required=True)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL after timeout; a no-op if the process is already gone."""
+        if not self._signal(signal.SIGTERM, required=False):
+            return
+        if self._wait_gone(timeout):
+            return
+        self._signal(signal.SIGKILL, required=False)
+        if not self._wait_gone(5.0):
+            raise TunnelError(f"stunnel pid {self.pid} survived SIGKILL")
+
+    def _signal(self, sig: int, *, required: bool) -> bool:
+        # The identity check and the kill are not atomic, but a pid is only recycled
+        # after the tunnel died *and* the pid space wrapped: not within microseconds.
+        if self._process() is None:
+            if required:
+                raise TunnelError(f"tunnel pid {self.pid} is not running")
+            return False
+        try:
+            os.kill(self.identity.pid, sig)
+        except ProcessLookupError:
+            if required:
+                raise TunnelError(f"tunnel pid {self.pid} is not running") from None
+            return False
+        return True
+
+    def _wait_gone(self, timeout: float) -> bool:
+        if self._popen is not None:
+            try:
+                self._popen.wait(timeout)
+                return True
+            except subprocess.TimeoutExpired:
+                return False
+        try:
+            psutil.Process(self.identity.pid).wait(timeout)
+        except psutil.TimeoutExpired:
+            return not self.alive()
+        except psutil.Error:
+            pass
+        return True
+
+
+def _wait_listening(popen: "subprocess.Popen[bytes]", port: int, timeout: float, log: _StartLog) -> None:
+    """Return once stunnel listens on port; raise as soon as it exits or time is up."""
+    deadline = time.monotonic() + timeout
+    delay = 0.002
+    while True:
+        if listening_on(popen.pid, port):
+            return
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TunnelError(
+                f"stunnel did not listen on 127.0.0.1:{port} within {timeout:g}s:\n{log.tail()}"
+            )
+        # Waiting on the process (not sleeping) returns the moment stunnel exits.
+        try:
+            rc = popen.wait(min(delay, remaining))
+        except subprocess.TimeoutExpired:
+            delay = min(delay * 2, 0.1)
+            continue
+        raise TunnelError(f"stunnel exited with status {rc} before listening on port {port}:\n{log.tail()}")
+
+
+def _kill_child(popen: "subprocess.Popen[bytes]") -> None:
+    try:
+        popen.kill()
+    except OSError as e:
+        if e.errno != errno.ESRCH:
+            raise
+    popen.wait()
+

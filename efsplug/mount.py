@@ -1,0 +1,255 @@
+"""Making one EFS mount: locate, authorize, tunnel, record, mount — or leave nothing behind.
+
+Shared by `mount.efs` and the Docker plugin (which calls `mount_efs` in process). Every
+step that creates something registers its undo on an ExitStack; only a finished mount
+keeps them. The state record is written as soon as the tunnel runs, before mount.nfs4,
+so a crash mid-mount leaves a tunnel the supervisor owns, never an orphan.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Callable, List, Mapping, Optional, Tuple
+
+from efsplug import certificate, credentials, naming, ports, state
+from efsplug.config import Config, MountConfig
+from efsplug.errors import MountFailure, shown
+from efsplug.fsutil import atomic_write, ensure_dir
+from efsplug.imds import InstanceMetadata, MetadataUnavailable
+from efsplug.netns import check_namespace
+from efsplug.nfs import NfsMount, mount_nfs
+from efsplug.options import MountRequest, nfs_mount_options, validate_region
+from efsplug.resolve import MountTarget, locate_mount_target
+from efsplug.sigv4 import AwsCredentials
+from efsplug.stunnel import TunnelSpec
+from efsplug.tunnel import Tunnel, TunnelError
+
+STUNNEL_NAMES = ("stunnel", "stunnel5", "stunnel4")
+KEY_FILE = "privateKey.pem"
+
+
+@dataclass
+class Timings:
+    """How long each phase took: `mount.efs -v` prints it, `scripts/bench mount` reads it."""
+
+    phases: List[Tuple[str, float]] = field(default_factory=list)
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases.append((name, time.perf_counter() - start))
+
+    def line(self) -> str:
+        return " ".join(f"{name}={seconds * 1000:.1f}ms" for name, seconds in self.phases)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What authorizes the TLS connection: IAM credentials and where they came from."""
+
+    credentials: Optional[AwsCredentials] = None
+    source: Optional[credentials.CredentialSource] = None
+
+
+def mount_efs(
+    request: MountRequest,
+    config: Config,
+    *,
+    environ: Mapping[str, str] = os.environ,
+    timings: Optional[Timings] = None,
+    now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+) -> Optional[state.MountRecord]:
+    """Mount request.fs_id at request.mountpoint; the state record for TLS mounts, else None."""
+    timings = timings or Timings()
+    _check_preconditions(request)
+    imds = InstanceMetadata.from_environment(environ)
+    with timings.phase("resolve"):
+        region = find_region(request, config, environ, imds)
+        mount_config = config.mount_for_region(region)
+        dns_name = naming.dns_name(request.fs_id, region, az=request.az, config=config)
+        target = locate_mount_target(
+            fs_id=request.fs_id,
+            region=region,
+            dns_name=dns_name,
+            mounttargetip=request.mounttargetip,
+            availability_zone_id=lambda: _optional(imds.availability_zone_id),
+            fallback_enabled=mount_config.fall_back_to_mount_target_ip_address_enabled,
+            environ=environ,
+        )
+    if request.fake:
+        return None
+    if not request.tls:
+        with timings.phase("mount.nfs4"):
+            _mount(request, mount_config, f"{target.address}:{request.path}", nfs_mount_options(request, tunnel_port=None))
+        return None
+    with timings.phase("credentials"):
+        identity = _identity(request, environ)
+    with contextlib.ExitStack() as undo:
+        record = _start_tunnel(request, config, mount_config, region, target, identity, timings, now, undo)
+        with timings.phase("mount.nfs4"):
+            _mount(request, mount_config, f"127.0.0.1:{request.path}", nfs_mount_options(request, tunnel_port=record.port))
+        undo.pop_all()  # the mount is made: everything created now belongs to it
+    return record
+
+
+def find_region(request: MountRequest, config: Config, environ: Mapping[str, str], imds: InstanceMetadata) -> str:
+    """Region from the option, AWS_REGION, AWS_DEFAULT_REGION, the config, then IMDS."""
+    for candidate in (request.region, environ.get("AWS_REGION"), environ.get("AWS_DEFAULT_REGION"), config.mount.region):
+        if candidate:
+            return validate_region(candidate)
+    try:
+        return validate_region(imds.region())
+    except MetadataUnavailable as exc:
+        raise MountFailure(f"no region: pass -o region=<region> or set region in efs-utils.conf ({exc})") from None
+
+
+def _check_preconditions(request: MountRequest) -> None:
+    if os.geteuid() != 0:
+        raise MountFailure("mount.efs must run as root; use sudo")
+    if request.mountpoint and not os.path.isdir(request.mountpoint):
+        raise MountFailure(f"mount point {shown(request.mountpoint)} is not a directory; create it with mkdir -p")
+    if request.netns:
+        check_namespace(request.netns)
+
+
+def _identity(request: MountRequest, environ: Mapping[str, str]) -> Identity:
+    if not request.iam:
+        return Identity()
+    try:
+        found, source = credentials.find_credentials(
+            awsprofile=request.awsprofile, awscredsuri=request.awscredsuri, environ=environ
+        )
+    except credentials.CredentialsUnavailable as exc:
+        raise MountFailure(str(exc)) from None
+    return Identity(found, source)
+
+
+def _start_tunnel(
+    request: MountRequest,
+    config: Config,
+    mount_config: MountConfig,
+    region: str,
+    target: MountTarget,
+    identity: Identity,
+    timings: Timings,
+    now: Callable[[], datetime],
+    undo: contextlib.ExitStack,
+) -> state.MountRecord:
+    state_dir = ensure_dir(Path(config.efsplug.state_dir), config.default.state_file_dir_mode)
+    with timings.phase("port"):
+        lower, upper = _port_range(request, mount_config)
+        try:
+            reservation = ports.reserve_port(state_dir / "ports", lower, upper)
+        except ports.PortRangeExhausted as exc:
+            raise MountFailure(str(exc)) from None
+    with reservation:
+        record = state.MountRecord(
+            fs_id=request.fs_id, mountpoint=str(request.mountpoint), path=request.path, port=reservation.port,
+            access_point=request.accesspoint, netns=request.netns, region=region, tls=True, iam=request.iam,
+            credential_source=str(identity.source) if identity.source else None,
+            credential_expiry=identity.credentials.expiry if identity.credentials else None,
+        )
+        mount_dir = state_dir / state.file_name(record)[: -len(state.SUFFIX)]
+        mount_dir.mkdir(mode=0o700)
+        undo.callback(shutil.rmtree, mount_dir, True)
+        cert_file = key_file = None
+        if request.iam or request.accesspoint:
+            with timings.phase("certificate"):
+                key_path = state_dir / KEY_FILE
+                cert_file, record = _write_certificate(request, config, region, identity, key_path, mount_dir, record, now())
+                key_file = str(key_path)
+        spec = TunnelSpec(
+            accept_port=reservation.port,
+            connect_host=target.address,
+            check_host=target.dns_name if mount_config.stunnel_check_cert_hostname else None,
+            verify_level=request.verify if request.verify is not None else 2,
+            cafile=request.cafile or mount_config.stunnel_cafile,
+            cert_file=cert_file,
+            key_file=key_file,
+            ocsp=request.ocsp if request.ocsp is not None else mount_config.stunnel_check_cert_validity,
+            debug_log=str(mount_dir / "stunnel.log") if mount_config.stunnel_debug_enabled else None,
+            fips=mount_config.fips_mode_enabled,
+        )
+        with timings.phase("tunnel"):
+            try:
+                tunnel = Tunnel.start(
+                    spec, config_path=mount_dir / "stunnel.conf", stunnel_binary=_stunnel_binary(config),
+                    netns=request.netns,
+                )
+            except TunnelError as exc:
+                raise MountFailure(f"TLS tunnel to {target.address} did not start: {exc}") from None
+            undo.callback(tunnel.stop)
+    record = replace(
+        record,
+        tunnel=tunnel.identity,
+        config_file=str(mount_dir / "stunnel.conf"),
+        files_created=[str(mount_dir)],
+        mount_time=now(),
+    )
+    state.save(state_dir, record)
+    undo.callback(state.remove, state_dir, record)
+    return record
+
+
+def _write_certificate(
+    request: MountRequest,
+    config: Config,
+    region: str,
+    identity: Identity,
+    key_path: Path,
+    mount_dir: Path,
+    record: state.MountRecord,
+    when: datetime,
+) -> Tuple[str, state.MountRecord]:
+    key = certificate.load_or_create_private_key(key_path)
+    cert_request = certificate.certificate_request(
+        fs_id=request.fs_id, region=region, hostname=socket.gethostname(), now=when,
+        access_point=request.accesspoint, credentials=identity.credentials,
+        lifetime=timedelta(minutes=config.efsplug.cert_lifetime_min),
+    )
+    cert_path = mount_dir / "certificate.pem"
+    atomic_write(cert_path, certificate.certificate_pem(certificate.build_certificate(key, cert_request)), 0o600)
+    return str(cert_path), replace(record, cert_not_before=cert_request.not_before, cert_not_after=cert_request.not_after)
+
+
+def _mount(request: MountRequest, mount_config: MountConfig, source: str, options: str) -> None:
+    flags = [flag for flag, on in (("-n", request.no_mtab), ("-s", request.sloppy), ("-v", request.verbose)) if on]
+    attempts = mount_config.retry_nfs_mount_command_count if mount_config.retry_nfs_mount_command else 1
+    mount_nfs(
+        NfsMount(source, str(request.mountpoint), options, netns=request.netns, flags=flags,
+                 access_point=request.accesspoint),
+        attempts=attempts,
+        attempt_timeout=float(mount_config.retry_nfs_mount_command_timeout_sec),
+        verbose=request.verbose,
+    )
+
+
+def _port_range(request: MountRequest, mount_config: MountConfig) -> Tuple[int, int]:
+    if request.tlsport:
+        return request.tlsport, request.tlsport + 1
+    return mount_config.port_range_lower_bound, mount_config.port_range_upper_bound
+
+
+def _stunnel_binary(config: Config) -> str:
+    for name in ([config.efsplug.stunnel] if config.efsplug.stunnel else STUNNEL_NAMES):
+        found = shutil.which(name)
+        if found:
+            return found
+    raise MountFailure("stunnel not found; install stunnel (stunnel4 on Debian, stunnel5 on Amazon Linux)")
+
+
+def _optional(getter: Callable[[], str]) -> Optional[str]:
+    try:
+        return getter()
+    except MetadataUnavailable:
+        return None

@@ -140,7 +140,10 @@ class EfsEndpoint:
     def events(self) -> List[dict]:
         if not self.events_path.exists():
             return []
-        return [json.loads(line) for line in self.events_path.read_text().splitlines() if line.strip()]
+        text = self.events_path.read_text()
+        # A line still being appended has no newline yet: leave it for the next read.
+        complete = text[: text.rfind("\n") + 1]
+        return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
     def connection_events(self) -> List[dict]:
         return [e for e in self.events() if e.get("event") in ("accepted", "refused")]

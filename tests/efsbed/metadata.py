@@ -95,7 +95,11 @@ class _LoopbackHttpService:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name=type(self).__name__, daemon=True)
+        # A short poll interval keeps stop() quick; shutdown() waits for the loop to notice.
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+            name=type(self).__name__, daemon=True,
+        )
         self._thread.start()
         return self
 

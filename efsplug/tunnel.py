@@ -85,6 +85,21 @@ def _setns_function() -> Callable[[int, int], None]:
     return setns
 
 
+def _netns_preexec(ns_fd: int) -> Callable[[], None]:
+    """A preexec_fn entering the namespace open at ns_fd.
+
+    setns(CLONE_NEWNET) moves only the calling thread; in the forked child, between fork
+    and exec, that thread is the whole process, so stunnel starts inside. Everything is
+    resolved (and the namespace file opened) before the fork: the child only calls.
+    """
+    setns = _setns_function()
+
+    def enter() -> None:
+        setns(ns_fd, CLONE_NEWNET)
+
+    return enter
+
+
 class _StartLog:
     """Where stunnel's stdout/stderr go, and what it said since this start."""
 
@@ -203,14 +218,7 @@ class Tunnel:
         try:
             atomic_write(config_path, render(spec).encode(), 0o600)
             log = _StartLog(log_path, config_path.parent)
-            preexec = None
-            if ns_fd is not None:
-                setns = _setns_function()  # resolved before fork: the child only calls it
-                fd_for_child = ns_fd
-
-                def preexec() -> None:
-                    setns(fd_for_child, CLONE_NEWNET)
-
+            preexec = None if ns_fd is None else _netns_preexec(ns_fd)
             try:
                 popen = subprocess.Popen(
                     [binary, str(config_path)],

@@ -346,7 +346,7 @@ def test_revoked_key_is_refused(endpoint: EfsEndpoint, ca: BedCA, creds: BedCred
     with tls_client(endpoint.port, cafile=ca.cert_path, server_name=FS_NAME, client_cert=cert) as s:
         assert exchange(s, b"after") == b""
     (event,) = new_events(endpoint, before)
-    assert (event["event"], event["reason"], event["access_key_id"]) == ("refused", iam.REVOKED_KEY, None)
+    assert (event["event"], event["reason"], event["access_key_id"]) == ("refused", iam.REVOKED_KEY, issued.access_key_id)
     assert backends["root"].received == received
 
 

@@ -20,7 +20,6 @@ from cryptography.x509.oid import NameOID
 
 from efsbed import iam, procs
 from efsbed.aws import MotoServer, client, seed_file_system
-from efsbed.ca import BedCA
 from efsbed.credentials import BedCredentials
 from efsbed.ganesha import Ganesha
 from efsbed.metadata import InstanceMetadata, TaskCredentials
@@ -126,7 +125,10 @@ def test_verifier_refuses_revoked_key(key, creds: BedCredentials) -> None:
     issued = creds.issue("gone")
     cert = make_cert(key, credentials=issued)
     creds.revoke(issued.access_key_id)
-    assert refusal(cert, creds) == iam.REVOKED_KEY
+    with pytest.raises(iam.IamRefused) as caught:
+        verify(cert, creds)
+    assert (caught.value.reason, caught.value.access_key_id, caught.value.access_point) == (
+        iam.REVOKED_KEY, issued.access_key_id, AP)
 
 
 def test_verifier_refuses_expired_credentials(key, creds: BedCredentials) -> None:

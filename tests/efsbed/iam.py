@@ -49,9 +49,14 @@ _CONTEXT_0_EXPLICIT = 0xA0
 
 
 class IamRefused(Exception):
-    def __init__(self, reason: str) -> None:
+    """reason is one of the constants above; the ids (never secrets) help whoever reads logs."""
+
+    def __init__(self, reason: str, *, access_point: Optional[str] = None,
+                 access_key_id: Optional[str] = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.access_point = access_point
+        self.access_key_id = access_key_id
 
 
 @dataclass(frozen=True)
@@ -233,28 +238,32 @@ def verify_client_certificate(
     if cert_fs is None:
         raise IamRefused(NO_FILE_SYSTEM)
     if cert_fs != fs_id:
-        raise IamRefused(WRONG_FILE_SYSTEM)
+        raise IamRefused(WRONG_FILE_SYSTEM, access_point=access_point,
+                         access_key_id=auth.access_key_id if auth else None)
     if auth is None:
         return IamIdentity(access_point=access_point, access_key_id=None)
 
+    def refuse(reason: str) -> IamRefused:
+        return IamRefused(reason, access_point=access_point, access_key_id=auth.access_key_id)
+
     if auth.access_key_id in revoked:
-        raise IamRefused(REVOKED_KEY)
+        raise refuse(REVOKED_KEY)
     creds = known.get(auth.access_key_id)
     if creds is None:
-        raise IamRefused(UNKNOWN_KEY)
+        raise refuse(UNKNOWN_KEY)
     if creds.expiry is not None and now > creds.expiry:
-        raise IamRefused(CREDENTIALS_EXPIRED)
+        raise refuse(CREDENTIALS_EXPIRED)
     if (creds.session_token or None) != (auth.session_token or None):
-        raise IamRefused(TOKEN_MISMATCH)
+        raise refuse(TOKEN_MISMATCH)
     wanted = expected_signature(
         secret=creds.secret_access_key, access_key_id=auth.access_key_id,
         session_token=auth.session_token, fs_id=fs_id, region=region,
         key_hash=key_hash, when=auth.signed_at,
     )
     if not hmac.compare_digest(wanted, auth.signature_hex):
-        raise IamRefused(SIGNATURE_MISMATCH)
+        raise refuse(SIGNATURE_MISMATCH)
     if auth.signed_at > now + CLOCK_SKEW:
-        raise IamRefused(SIGNATURE_IN_FUTURE)
+        raise refuse(SIGNATURE_IN_FUTURE)
     if now > auth.signed_at + SIGNATURE_LIFETIME:
-        raise IamRefused(SIGNATURE_EXPIRED)
+        raise refuse(SIGNATURE_EXPIRED)
     return IamIdentity(access_point=access_point, access_key_id=auth.access_key_id)

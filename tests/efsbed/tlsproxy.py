@@ -73,8 +73,8 @@ class Endpoint:
 
     # --- admission ---------------------------------------------------------------
 
-    def admit(self, conn: SSL.Connection) -> Tuple[int, iam.IamIdentity]:
-        """The backend port for this client, or Refused(reason)."""
+    def admit(self, conn: SSL.Connection, record: dict) -> int:
+        """The backend port for this client, or Refused(reason); fills record's ids."""
         config = self.config  # one consistent snapshot even if SIGHUP swaps it
         peer = conn.get_peer_certificate()
         if peer is None:
@@ -90,13 +90,15 @@ class Endpoint:
                     now=datetime.now(timezone.utc),
                 )
             except iam.IamRefused as e:
+                record.update(access_point=e.access_point, access_key_id=e.access_key_id)
                 raise Refused(e.reason) from None
+            record.update(access_point=identity.access_point, access_key_id=identity.access_key_id)
             if identity.access_key_id is None and config.iam_required:
                 raise Refused("IAM authorization required")
         port = config.routes.get(identity.access_point or NO_ACCESS_POINT)
         if port is None:
             raise Refused("unknown access point" if identity.access_point else "no route without access point")
-        return port, identity
+        return port
 
     # --- per connection ------------------------------------------------------------
 
@@ -118,8 +120,7 @@ class Endpoint:
                 self.events.write(event="refused", reason=f"tls handshake failed: {_brief(e)}", **record)
                 return
             try:
-                port, identity = self.admit(conn)
-                record.update(access_point=identity.access_point, access_key_id=identity.access_key_id)
+                port = self.admit(conn, record)
                 try:
                     backend = socket.create_connection(("127.0.0.1", port), timeout=5.0)
                 except OSError as e:

@@ -220,11 +220,24 @@ def test_hung_guest_is_powered_off_and_reported(tmp_path: Path) -> None:
     try:
         g.start()
         assert g.agent_pid is not None
+        other: List[BaseException] = []
+
+        def long_command() -> None:
+            try:
+                g.run(["sleep", "120"], timeout=120)
+            except BaseException as exc:  # noqa: BLE001 - inspected below
+                other.append(exc)
+
+        waiter = threading.Thread(target=long_command)
+        waiter.start()
         started = time.monotonic()
         with pytest.raises(GuestHung):
             # The agent freezes itself while it waits for this command: no answer ever comes.
             g.run(["kill", "-STOP", str(g.agent_pid)], timeout=1)
         assert time.monotonic() - started < 15
+        # A command still waiting in another thread learns of it at once, not after 120 s.
+        waiter.join(10)
+        assert not waiter.is_alive() and len(other) == 1 and isinstance(other[0], GuestHung)
         assert not [p for p in procs.tagged_processes(tag) if p.name() == "linux.uml"]
         with pytest.raises(GuestHung):
             g.run(["true"])

@@ -282,11 +282,12 @@ class Guest:
         try:
             if uml is not None and uml.alive() and self._channel is not None and self._dead_reason is None:
                 try:
-                    self._channel.request({"op": "poweroff"}, 5.0)
+                    acked = self._channel.request({"op": "poweroff"}, 5.0) is not None
                 except GuestError:
-                    pass
+                    acked = False
                 try:
-                    uml.popen.wait(20.0)
+                    # The agent syncs first (bounded in the guest), then powers off.
+                    uml.popen.wait(20.0 if acked else 0.1)
                 except subprocess.TimeoutExpired:
                     pass
             if uml is not None:
@@ -310,6 +311,8 @@ class Guest:
         uml = self._procs.get("uml")
         if uml is not None:
             _kill_group_now(uml)
+        if self._channel is not None:
+            self._channel.close()  # wakes every other waiter: slirp would keep the socket open
 
     def console_tail(self, lines: int = 40) -> str:
         if not self.console_log.exists():
@@ -322,7 +325,12 @@ class Guest:
             raise GuestHung(f"the guest was powered off earlier: {self._dead_reason}")
         if self._channel is None or self._stopped:
             raise GuestError("the guest is not running")
-        answer = self._channel.request(msg, wait)
+        try:
+            answer = self._channel.request(msg, wait)
+        except GuestError:
+            if self._dead_reason is not None:
+                raise GuestHung(f"the guest was powered off: {self._dead_reason}") from None
+            raise
         if answer is None:
             reason = f"no answer to {what} within {wait:.0f}s"
             self.power_off_now(reason)

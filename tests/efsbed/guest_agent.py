@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import IO, Any, Dict, List, Optional
+from typing import IO, Any, Dict, List
 
 HOST = "10.0.2.2"
 RB_POWER_OFF = 0x4321FEDC

@@ -168,7 +168,7 @@ def _start_tunnel(
                 key_path = state_dir / KEY_FILE
                 cert_file, record = _write_certificate(request, config, region, identity, key_path, mount_dir, record, now())
                 key_file = str(key_path)
-        spec = TunnelSpec(
+        spec = _tunnel_spec(
             accept_port=reservation.port,
             connect_host=target.address,
             check_host=target.dns_name if mount_config.stunnel_check_cert_hostname else None,
@@ -186,7 +186,7 @@ def _start_tunnel(
                     spec, config_path=mount_dir / "stunnel.conf", stunnel_binary=_stunnel_binary(config),
                     netns=request.netns,
                 )
-            except TunnelError as exc:
+            except (TunnelError, OSError) as exc:
                 raise MountFailure(f"TLS tunnel to {target.address} did not start: {exc}") from None
             undo.callback(tunnel.stop)
     record = replace(
@@ -199,6 +199,14 @@ def _start_tunnel(
     state.save(state_dir, record)
     undo.callback(state.remove, state_dir, record)
     return record
+
+
+def _tunnel_spec(**fields) -> TunnelSpec:
+    """TunnelSpec validates every value again; a refusal there is the operator's input."""
+    try:
+        return TunnelSpec(**fields)
+    except ValueError as exc:
+        raise MountFailure(f"cannot build the tunnel configuration: {exc}") from None
 
 
 def _write_certificate(

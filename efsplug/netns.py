@@ -1,23 +1,40 @@
 """Network namespaces: run a child process (tunnel, mount.nfs4) inside the task's namespace.
 
-setns(2) for a network namespace changes only the calling thread, so it is done in the
-forked child just before exec (preexec), where there is exactly one thread.
+setns(CLONE_NEWNET) moves only the calling thread. In a forked child, between fork and
+exec, that thread is the whole process, so the child enters the namespace in a preexec
+function; the namespace file is opened (and errors reported) in the parent, before the fork.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
-import ctypes.util
 import os
-from typing import Callable, Optional
+from pathlib import Path
+from typing import Callable, Iterator, Optional
 
 from efsplug.errors import MountFailure
 
 CLONE_NEWNET = 0x40000000
+NETNS_RUN_DIR = Path("/run/netns")
 
 
-def check_namespace(path: str) -> None:
-    """Fail early, with the fix, when a netns= path is not a network namespace."""
+def netns_path(netns: str) -> Path:
+    """A namespace given as a path (/proc/<pid>/ns/net) or an `ip netns` name."""
+    return Path(netns) if "/" in netns else NETNS_RUN_DIR / netns
+
+
+def check_namespace(netns: str) -> None:
+    """Fail early, with the fix, when netns= does not name a network namespace."""
+    with opened(netns) as fd:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    if not target.startswith("net:["):
+        raise MountFailure(f"netns {netns} is not a network namespace; pass /proc/<pid>/ns/net or an ip-netns name")
+
+
+@contextlib.contextmanager
+def opened(netns: str) -> Iterator[int]:
+    path = netns_path(netns)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
@@ -25,50 +42,32 @@ def check_namespace(path: str) -> None:
             f"netns {path}: {exc.strerror}; pass the task's namespace, e.g. /proc/<pid>/ns/net of its pause container"
         ) from None
     try:
-        _setns_check(fd)
+        yield fd
     finally:
         os.close(fd)
 
 
-def _setns_check(fd: int) -> None:
-    # A namespace file is a nsfs inode; anything else is refused by the kernel at setns time,
-    # which in a preexec would only surface as an opaque exec failure. Compare the link text.
-    target = os.readlink(f"/proc/self/fd/{fd}")
-    if not target.startswith("net:["):
-        raise MountFailure(f"netns: {target} is not a network namespace; pass /proc/<pid>/ns/net or /var/run/netns/<name>")
+def setns_function() -> Callable[[int, int], None]:
+    """setns(2): os.setns on Python >= 3.12, else libc through ctypes (resolved before any fork)."""
+    if hasattr(os, "setns"):
+        return os.setns  # type: ignore[attr-defined]
+    libc_setns = ctypes.CDLL(None, use_errno=True).setns
 
-
-def enter(path: str) -> None:
-    """Move the calling (single-threaded) process into the network namespace at path."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if hasattr(os, "setns"):
-            os.setns(fd, CLONE_NEWNET)  # Python >= 3.12
-            return
-        if _libc().setns(fd, CLONE_NEWNET) != 0:
+    def setns(fd: int, nstype: int) -> None:
+        if libc_setns(fd, nstype) != 0:
             err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), path)
-    finally:
-        os.close(fd)
+            raise OSError(err, os.strerror(err))
+
+    return setns
 
 
-def preexec_for(path: Optional[str]) -> Optional[Callable[[], None]]:
-    """A preexec_fn for subprocess that enters path, or None without a namespace."""
-    if not path:
+def preexec_entering(fd: Optional[int]) -> Optional[Callable[[], None]]:
+    """A preexec_fn that enters the namespace open at fd; None when there is none."""
+    if fd is None:
         return None
-    _libc()  # load libc before fork: nothing should be resolved in the child
+    setns = setns_function()
 
-    def _enter() -> None:
-        enter(path)
+    def enter() -> None:
+        setns(fd, CLONE_NEWNET)
 
-    return _enter
-
-
-_LIBC: Optional[ctypes.CDLL] = None
-
-
-def _libc() -> ctypes.CDLL:
-    global _LIBC
-    if _LIBC is None:
-        _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    return _LIBC
+    return enter

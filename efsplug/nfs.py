@@ -7,13 +7,14 @@ denied"), so those two, and only those, are retried with back-off.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 from efsplug.errors import MountFailure
-from efsplug.netns import preexec_for
+from efsplug.netns import opened, preexec_entering
 
 MOUNT_NFS4 = "mount.nfs4"
 
@@ -58,14 +59,16 @@ def mount_nfs(mount: NfsMount, *, attempts: int, attempt_timeout: float, verbose
     delay = 0.5
     for attempt in range(1, max(attempts, 1) + 1):
         try:
-            done = subprocess.run(
-                argv,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                timeout=attempt_timeout,
-                preexec_fn=preexec_for(mount.netns),
-            )
+            with contextlib.ExitStack() as stack:
+                ns_fd = stack.enter_context(opened(mount.netns)) if mount.netns else None
+                done = subprocess.run(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    capture_output=True,
+                    text=True,
+                    timeout=attempt_timeout,
+                    preexec_fn=preexec_entering(ns_fd),
+                )
         except subprocess.TimeoutExpired:
             raise MountFailure(
                 f"mount.nfs4 did not finish within {attempt_timeout:g}s; the server is not answering: check the "

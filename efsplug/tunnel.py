@@ -9,7 +9,6 @@ unless all three still match.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import shutil
@@ -19,15 +18,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Callable, Optional, Set, Tuple
+from typing import IO, Optional, Set, Tuple
 
 import psutil
 
 from efsplug.fsutil import atomic_write
+from efsplug.netns import netns_path, preexec_entering
 from efsplug.stunnel import TunnelSpec, render
 
-CLONE_NEWNET = 0x40000000
-NETNS_RUN_DIR = Path("/run/netns")
 _CREATE_TIME_TOLERANCE = 0.005  # psutil derives it from clock ticks (10 ms); same process => equal
 _TCP_LISTEN = "0A"
 _LOG_TAIL_LINES = 20
@@ -63,41 +61,6 @@ class TunnelIdentity:
                 )
         except psutil.Error:
             return False
-
-
-def netns_path(netns: str) -> Path:
-    """A namespace given as a path (/proc/<pid>/ns/net) or an `ip netns` name."""
-    return Path(netns) if "/" in netns else NETNS_RUN_DIR / netns
-
-
-def _setns_function() -> Callable[[int, int], None]:
-    """setns(2): os.setns on Python >= 3.12, else libc through ctypes."""
-    if hasattr(os, "setns"):
-        return os.setns  # type: ignore[attr-defined]
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc_setns = libc.setns
-
-    def setns(fd: int, nstype: int) -> None:
-        if libc_setns(fd, nstype) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-
-    return setns
-
-
-def _netns_preexec(ns_fd: int) -> Callable[[], None]:
-    """A preexec_fn entering the namespace open at ns_fd.
-
-    setns(CLONE_NEWNET) moves only the calling thread; in the forked child, between fork
-    and exec, that thread is the whole process, so stunnel starts inside. Everything is
-    resolved (and the namespace file opened) before the fork: the child only calls.
-    """
-    setns = _setns_function()
-
-    def enter() -> None:
-        setns(ns_fd, CLONE_NEWNET)
-
-    return enter
 
 
 class _StartLog:
@@ -218,7 +181,7 @@ class Tunnel:
         try:
             atomic_write(config_path, render(spec).encode(), 0o600)
             log = _StartLog(log_path, config_path.parent)
-            preexec = None if ns_fd is None else _netns_preexec(ns_fd)
+            preexec = preexec_entering(ns_fd)
             try:
                 popen = subprocess.Popen(
                     [binary, str(config_path)],

@@ -33,7 +33,8 @@ from cryptography.x509.oid import NameOID
 from efsbed.ca import BedCA
 from efsplug.ports import PortReservation, port_is_listening, reserve_port
 from efsplug.stunnel import TunnelSpec
-from efsplug.tunnel import CLONE_NEWNET, Tunnel, TunnelError, TunnelIdentity, _setns_function, listening_on
+from efsplug.netns import CLONE_NEWNET, setns_function
+from efsplug.tunnel import Tunnel, TunnelError, TunnelIdentity, listening_on
 
 NAME = "fs-0123456789abcdef0.efs.us-east-1.amazonaws.com"
 STUNNEL = shutil.which("stunnel4") or shutil.which("stunnel") or "stunnel4"
@@ -480,7 +481,7 @@ def in_netns(name: str, make: Callable[[], socket.socket]) -> socket.socket:
         try:
             fd = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
             try:
-                _setns_function()(fd, CLONE_NEWNET)
+                setns_function()(fd, CLONE_NEWNET)
             finally:
                 os.close(fd)
             result.append(make())

@@ -187,7 +187,7 @@ def _start_tunnel(
                     netns=request.netns,
                 )
             except (TunnelError, OSError) as exc:
-                raise MountFailure(f"TLS tunnel to {target.address} did not start: {exc}") from None
+                raise MountFailure(f"TLS tunnel to {target.address} did not start: {exc}{_tunnel_hint(exc, spec)}") from None
             undo.callback(tunnel.stop)
     record = replace(
         record,
@@ -254,6 +254,13 @@ def _stunnel_binary(config: Config) -> str:
         if found:
             return found
     raise MountFailure("stunnel not found; install stunnel (stunnel4 on Debian, stunnel5 on Amazon Linux)")
+
+
+def _tunnel_hint(exc: Exception, spec: TunnelSpec) -> str:
+    text = str(exc)
+    if "No trusted certificates found" in text or "CAfile" in text:
+        return f"; the CA bundle {spec.cafile} is missing or empty: set stunnel_cafile in efs-utils.conf or pass cafile="
+    return ""
 
 
 def _optional(getter: Callable[[], str]) -> Optional[str]:

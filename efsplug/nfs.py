@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence
 from efsplug.errors import MountFailure
 from efsplug.netns import opened, preexec_entering
 
-MOUNT_NFS4 = "mount.nfs4"
+MOUNT_NFS4 = "/sbin/mount.nfs4"  # mount(8) may run helpers with a minimal PATH
 
 
 @dataclass(frozen=True)

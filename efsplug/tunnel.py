@@ -82,6 +82,12 @@ class _StartLog:
             return ""
         return "\n".join(lines[-_LOG_TAIL_LINES:])
 
+    def errors(self) -> str:
+        """stunnel's own error lines ("[!] ...") on one line: what an operator needs to read."""
+        tail = self.tail().splitlines()
+        errors = [line.split("[!]", 1)[1].strip() for line in tail if "[!]" in line]
+        return "; ".join(errors) if errors else (tail[-1].strip() if tail else "no output")
+
 
 def _socket_inodes(pid: int) -> Set[str]:
     inodes = set()
@@ -298,7 +304,7 @@ def _wait_listening(popen: "subprocess.Popen[bytes]", port: int, timeout: float,
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TunnelError(
-                f"stunnel did not listen on 127.0.0.1:{port} within {timeout:g}s:\n{log.tail()}"
+                f"stunnel did not listen on 127.0.0.1:{port} within {timeout:g}s: {log.errors()}"
             )
         # Waiting on the process (not sleeping) returns the moment stunnel exits.
         try:
@@ -306,7 +312,7 @@ def _wait_listening(popen: "subprocess.Popen[bytes]", port: int, timeout: float,
         except subprocess.TimeoutExpired:
             delay = min(delay * 2, 0.1)
             continue
-        raise TunnelError(f"stunnel exited with status {rc} before listening on port {port}:\n{log.tail()}")
+        raise TunnelError(f"stunnel exited with status {rc} before listening on port {port}: {log.errors()}")
 
 
 def _kill_child(popen: "subprocess.Popen[bytes]") -> None:

@@ -178,6 +178,10 @@ def write_etc(cfg: Dict[str, object]) -> None:
 
 
 def setup_sbin_and_shares(cfg: Dict[str, object]) -> None:
+    # Shares first: an sbin target may live in one (a checkout under /tmp, which is tmpfs here).
+    shares: Dict[str, str] = dict(cfg.get("shares", {}))  # type: ignore[arg-type]
+    for guest_dir, host_dir in shares.items():
+        mount("hostfs", "none", guest_dir, host_dir)
     sbin: Dict[str, str] = dict(cfg.get("sbin", {}))  # type: ignore[arg-type]
     for name, target in sbin.items():
         link = os.path.join("/usr/sbin", name)
@@ -186,9 +190,6 @@ def setup_sbin_and_shares(cfg: Dict[str, object]) -> None:
         os.symlink(target, link)
         if not os.access(link, os.X_OK):
             raise RuntimeError(f"sbin {name} -> {target} is not executable in the guest")
-    shares: Dict[str, str] = dict(cfg.get("shares", {}))  # type: ignore[arg-type]
-    for guest_dir, host_dir in shares.items():
-        mount("hostfs", "none", guest_dir, host_dir)
 
 
 def run_agent(cfg: Dict[str, object]) -> None:

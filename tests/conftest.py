@@ -23,3 +23,31 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if reporter:
         reporter.write_line(message, red=True)
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="session")
+def bed(tmp_path_factory: pytest.TempPathFactory):
+    """The whole local EFS with a booted kernel guest, shared by the session's guest tests.
+
+    Tests must leave it as they found it: unmount what they mounted (the fixture checks),
+    and restore anything they reconfigure.
+    """
+    from efsbed.bed import Bed
+
+    the_bed = Bed(tmp_path_factory.mktemp("bed"))
+    the_bed.start()
+    try:
+        yield the_bed
+    finally:
+        the_bed.stop()
+
+
+@pytest.fixture
+def clean_guest(bed):
+    """A guest test's guard: no efs/nfs mount, tunnel or state record may outlive it."""
+    yield bed
+    mounts = bed.run(["sh", "-c", "grep -E ' nfs4? ' /proc/mounts | cut -d' ' -f2"]).stdout.split()
+    for mountpoint in mounts:
+        bed.run(["umount", "-l", mountpoint])
+    bed.run(["sh", "-c", "pkill -f 'stunnel.*/run/efs/' ; rm -rf /run/efs"])
+    assert not mounts, f"test left NFS mounts behind: {mounts}"

@@ -78,9 +78,10 @@ class Bed:
     def access_point(self, root: str) -> AccessPoint:
         return next(ap for ap in self.access_points if ap.root == root)
 
-    def run(self, argv: Sequence[str], *, timeout: float = 60, env: Optional[Mapping[str, str]] = None) -> GuestResult:
+    def run(self, argv: Sequence[str], *, timeout: float = 60, env: Optional[Mapping[str, str]] = None,
+            input: Optional[bytes] = None, check: bool = False) -> GuestResult:
         assert self.guest is not None, "bed started without a guest"
-        return self.guest.run(list(argv), timeout=timeout, env=env)
+        return self.guest.run(list(argv), timeout=timeout, env=env, input=input, check=check)
 
     def mount_efs(self, mountpoint: str, options: str, *, device: Optional[str] = None,
                   env: Optional[Mapping[str, str]] = None, timeout: float = 60) -> GuestResult:
@@ -155,7 +156,7 @@ class Bed:
     def write_guest_config(self, text: str) -> None:
         """Replace the guest's /etc/amazon/efs/efs-utils.conf."""
         self.run(["mkdir", "-p", "/etc/amazon/efs"])
-        self.guest.run(["tee", "/etc/amazon/efs/efs-utils.conf"], input=text.encode(), check=True)
+        self.run(["tee", "/etc/amazon/efs/efs-utils.conf"], input=text.encode(), check=True)
 
     def _keep(self, service):
         self._started.append(service)

@@ -1,0 +1,141 @@
+"""Taking an EFS mount down: the kernel mount, then its tunnel, files and state record.
+
+Shared by the Docker plugin (Unmount/Remove), the supervisor (reaping) and operators.
+The order matters: the tunnel goes only after the kernel no longer needs it. The kernel
+shares one NFS client between mounts of the same server, so a tunnel may carry another
+mount's traffic (its `port=` shows on that mount): such a tunnel is never stopped, and
+its record stays, so the supervisor keeps it alive and reaps it once no mount uses it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Iterable, List, Optional
+
+from efsplug import state
+from efsplug.errors import EfsplugError, shown
+from efsplug.mounttable import KernelMount, by_mountpoint, ports_in_use, read_mounts
+from efsplug.state import MountRecord
+from efsplug.tunnel import Tunnel, TunnelError
+
+UMOUNT = "/bin/umount"
+_NOT_MOUNTED = ("not mounted", "no mount point specified", "mountpoint not found")
+
+
+class UnmountError(EfsplugError):
+    """The mount could not be taken down; the message says why and what to do."""
+
+
+def same_path(a: str, b: str) -> bool:
+    # normpath only: realpath would stat the mount point, which hangs on a dead server.
+    return os.path.normpath(a) == os.path.normpath(b)
+
+
+def records_for(state_dir: Path, mountpoint: str) -> List[MountRecord]:
+    records, _problems = state.load_all(state_dir)
+    return [r for r in records if same_path(r.mountpoint, mountpoint)]
+
+
+def is_mounted(mountpoint: str, mounts: Optional[Iterable[KernelMount]] = None) -> bool:
+    table = by_mountpoint(read_mounts() if mounts is None else mounts)
+    return os.path.normpath(mountpoint) in table
+
+
+def unmount_efs(mountpoint: str, *, state_dir: Path, lazy: bool = False, timeout: float = 30.0) -> None:
+    """Unmount mountpoint (if mounted) and release every record made for it.
+
+    A plain umount hangs once the task's network namespace is gone (the server can never
+    answer), so one that does not finish within timeout is retried lazily.
+    """
+    if is_mounted(mountpoint):
+        umount(mountpoint, lazy=lazy, timeout=timeout)
+    for record in records_for(Path(state_dir), mountpoint):
+        release(record, state_dir=Path(state_dir))
+
+
+def umount(mountpoint: str, *, lazy: bool = False, timeout: float = 30.0) -> None:
+    """umount(8) without its helpers (-i): umount.nfs4 would talk to the server first."""
+    if not lazy:
+        try:
+            _run([UMOUNT, "-i", mountpoint], timeout)
+            return
+        except subprocess.TimeoutExpired:
+            pass  # the server does not answer: detach instead (the hung umount was killed)
+    try:
+        _run([UMOUNT, "-i", "-l", mountpoint], timeout)
+    except subprocess.TimeoutExpired:
+        raise UnmountError(f"umount -l {shown(mountpoint)} did not finish within {timeout:g}s; see dmesg") from None
+
+
+def _run(argv: List[str], timeout: float) -> None:
+    try:
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError:
+        raise UnmountError(f"{argv[0]} not found; install util-linux") from None
+    if done.returncode == 0:
+        return
+    text = done.stderr.strip()
+    if any(phrase in text.lower() for phrase in _NOT_MOUNTED):
+        return  # someone else unmounted it first: the goal is reached
+    last = text.splitlines()[-1] if text else f"exit status {done.returncode}"
+    hint = "; files are open there: stop their users or unmount lazily" if "busy" in text.lower() else ""
+    raise UnmountError(f"cannot unmount {shown(argv[-1])}: {last}{hint}")
+
+
+def tunnel_in_use(record: MountRecord, mounts: Iterable[KernelMount]) -> List[str]:
+    """Mount points whose traffic flows through record's tunnel (empty: nobody's)."""
+    if record.port is None:
+        return []
+    return ports_in_use(mounts).get(record.port, [])
+
+
+def release(record: MountRecord, *, state_dir: Path, mounts: Optional[List[KernelMount]] = None) -> bool:
+    """Stop record's tunnel and remove its files and record, unless a mount still needs it.
+
+    Returns True if everything is gone, False if it was kept because a kernel mount still
+    uses the record's mount point or its tunnel; then the supervisor owns it and reaps it
+    when the last user goes.
+    """
+    state_dir = Path(state_dir)
+    table = read_mounts() if mounts is None else mounts
+    if any(m.is_nfs and same_path(m.mountpoint, record.mountpoint) for m in table):
+        return False
+    if tunnel_in_use(record, table):
+        return False
+    if record.tunnel is not None:
+        tunnel = Tunnel.from_identity(record.tunnel)  # None if gone or the pid was reused
+        if tunnel is not None:
+            try:
+                tunnel.stop()
+            except TunnelError as exc:
+                raise UnmountError(f"cannot stop the tunnel of {shown(record.mountpoint)}: {exc}") from None
+    remove_files(record, state_dir)
+    state.remove(state_dir, record)
+    return True
+
+
+def mount_dir(record: MountRecord, state_dir: Path) -> Path:
+    """The per-mount directory (stunnel.conf, certificate.pem), named like the record."""
+    return Path(state_dir) / state.file_name(record)[: -len(state.SUFFIX)]
+
+
+def remove_files(record: MountRecord, state_dir: Path) -> None:
+    """Delete the record's own files; only paths inside state_dir are ever touched."""
+    root = os.path.realpath(state_dir)
+    candidates = [str(mount_dir(record, state_dir)), *record.files_created]
+    if record.config_file:
+        candidates.append(record.config_file)
+    for path in candidates:
+        real = os.path.realpath(path)
+        if os.path.commonpath([root, real]) != root or real == root:
+            continue  # a record naming files outside the state dir is not trusted with them
+        if os.path.isdir(real) and not os.path.islink(path):
+            shutil.rmtree(real, ignore_errors=True)
+        else:
+            try:
+                os.unlink(real)
+            except FileNotFoundError:
+                pass

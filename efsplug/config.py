@@ -61,6 +61,10 @@ class WatchdogConfig:
     tls_cert_renewal_interval_min: int = 60
     stunnel_health_check_enabled: bool = True
     stunnel_health_check_interval_min: int = 5
+    # efsplug additions: a finer renewal interval (overrides the _min key when set), and
+    # the ECS cleanup wait in seconds (overrides ECS_ENGINE_TASK_CLEANUP_WAIT_DURATION).
+    tls_cert_renewal_interval_sec: Optional[int] = None
+    cleanup_wait_sec: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -187,6 +191,7 @@ CONVERTERS: Dict[type, Dict[str, Callable[[str], object]]] = {
         "enabled": _bool, "poll_interval_sec": _int(1, 3600), "unmount_grace_period_sec": _int(0),
         "tls_cert_renewal_interval_min": _int(1, 1440), "stunnel_health_check_enabled": _bool,
         "stunnel_health_check_interval_min": _int(1, 1440),
+        "tls_cert_renewal_interval_sec": _int(1, 86400), "cleanup_wait_sec": _int(1),
     },
     EfsplugConfig: {"state_dir": _path, "stunnel": _command, "cert_lifetime_min": _int(20, 1440)},
 }

@@ -1,0 +1,104 @@
+"""`efsplug agent`: serve the Docker volume plugin until SIGTERM.
+
+Start-up: load the state (quarantining a corrupt file), reconcile it with the kernel's
+mount table, bind the socket (replacing a stale one), serve. Shutdown (SIGTERM/SIGINT):
+stop accepting, let requests in progress finish, remove the socket. Never unmounts:
+containers keep their volumes across agent restarts and upgrades.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Optional
+
+from efsplug.agent.mounter import EfsMounter
+from efsplug.agent.plugin import Plugin
+from efsplug.agent.reconcile import reconcile
+from efsplug.agent.server import AgentServer, RequestLog, bind_socket
+from efsplug.agent.store import DEFAULT_STATE_PATH, Store
+from efsplug.errors import EfsplugError
+from efsplug.mounttable import read_mounts
+
+PROG = "efsplug agent"
+DEFAULT_SOCKET = Path("/run/docker/plugins/amazon-ecs-volume-plugin.sock")
+DEFAULT_VOLUMES_ROOT = Path("/var/lib/ecs/volumes")
+DRAIN_TIMEOUT = 150.0  # longer than Docker's 2-minute Mount timeout: a mount finishes or undoes itself
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--socket", type=Path, default=DEFAULT_SOCKET,
+                        help=f"unix socket to serve; its base name is the driver name (default {DEFAULT_SOCKET})")
+    parser.add_argument("--state", type=Path, default=DEFAULT_STATE_PATH,
+                        help=f"the agent's state file (default {DEFAULT_STATE_PATH})")
+    parser.add_argument("--volumes-root", type=Path, default=DEFAULT_VOLUMES_ROOT,
+                        help=f"where volumes are mounted, one directory each (default {DEFAULT_VOLUMES_ROOT})")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="efs-utils.conf to use (default /etc/amazon/efs/efs-utils.conf or $EFSPLUG_CONFIG)")
+
+
+def say(text: str) -> None:
+    print(f"{PROG}: {text}", flush=True)
+
+
+def build_plugin(args: argparse.Namespace) -> Plugin:
+    """The plugin with its state loaded and reconciled with the kernel; nothing is unmounted."""
+    store = Store(args.state)
+    loaded = store.load()
+    if loaded.quarantined is not None:
+        say(f"state file {args.state} was unusable ({loaded.problem}); moved to {loaded.quarantined}, starting empty")
+    result = reconcile(loaded.volumes, read_mounts(), args.volumes_root)
+    for note in result.notes:
+        say(note)
+    if result.changed or loaded.quarantined is not None:
+        store.save(result.volumes)
+    return Plugin(store, args.volumes_root, mounter=EfsMounter(args.config), initial=result.volumes)
+
+
+# ---- SUPERVISOR HOOK ------------------------------------------------------------------
+# The supervisor (efsplug/supervisor/, another engineer's) renews IAM certificates, keeps
+# tunnels alive and reaps orphans; the agent is to run it in process. Until its API is
+# documented this hook starts nothing; wire it here: start before serving, stop after.
+def start_supervisor(args: argparse.Namespace) -> Optional[object]:
+    return None
+
+
+def stop_supervisor(supervisor: Optional[object]) -> None:
+    stop = getattr(supervisor, "stop", None)
+    if callable(stop):
+        stop()
+# ----------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        plugin = build_plugin(args)
+        server = AgentServer(bind_socket(args.socket), plugin, RequestLog())
+    except (EfsplugError, OSError) as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr, flush=True)
+        return 1
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stopping.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    supervisor = start_supervisor(args)
+    serving = threading.Thread(target=server.serve_forever, name="efsplug-agent-accept", daemon=True)
+    serving.start()
+    say(f"serving {args.socket} ({len(plugin.volumes)} volumes, state {args.state})")
+    try:
+        stopping.wait()
+    finally:
+        server.shutdown()
+        server.remove_socket()
+        server.server_close()
+        if not server.wait_idle(DRAIN_TIMEOUT):
+            say("requests still running at shutdown; exiting anyway")
+        stop_supervisor(supervisor)
+    say("stopped; mounts left in place")
+    return 0

@@ -1,0 +1,226 @@
+"""The endpoint logic: Create validates, Mount/Unmount count references per mount ID.
+
+Concurrency without a global lock:
+- every change to a volume happens under that volume's own lock (LockTable), so two
+  volumes mount in parallel while requests on one volume stay ordered;
+- the set of volumes is an immutable snapshot, replaced (never edited) after the state
+  file is written; Get, List and Path read whatever snapshot is current and never wait;
+- writing the state file is serialized by a commit lock held only for the write itself
+  (one fsync), never across a mount.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import sys
+import traceback
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Callable, Dict, Mapping, MutableMapping, Optional
+
+from efsplug.agent import protocol
+from efsplug.agent.mounter import EfsMounter, Mounter
+from efsplug.agent.protocol import CreateRequest, MountIdRequest, NameRequest, ProtocolError
+from efsplug.agent.store import Store
+from efsplug.agent.volumes import (
+    LockTable, Volume, mounted_with, new_volume, same_definition, unmount_step, unmounted,
+)
+from efsplug.errors import EfsplugError, UsageError, shown
+
+MOUNTPOINT_MODE = 0o700
+ROOT_MODE = 0o700
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int  # HTTP status
+    body: Dict[str, Any]
+    volume: str = ""  # for the log line
+    err: str = ""
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class Plugin:
+    def __init__(
+        self,
+        store: Store,
+        volumes_root: Path,
+        *,
+        mounter: Optional[Mounter] = None,
+        initial: Mapping[str, Volume] = MappingProxyType({}),
+        clock: Callable[[], str] = _now,
+    ) -> None:
+        self.store = store
+        self.volumes_root = Path(volumes_root)
+        self.mounter: Mounter = mounter if mounter is not None else EfsMounter()
+        self._clock = clock
+        self._volumes: Mapping[str, Volume] = MappingProxyType(dict(initial))
+        self._locks = LockTable()
+        self._commit_lock = threading.Lock()
+
+    # ---- reads: never wait ------------------------------------------------------------
+
+    @property
+    def volumes(self) -> Mapping[str, Volume]:
+        return self._volumes  # an immutable snapshot; replaced as a whole on every change
+
+    def _existing(self, name: str) -> Volume:
+        volume = self._volumes.get(name)
+        if volume is None:
+            raise UsageError(f"volume {shown(name)} not found; create it with docker volume create")
+        return volume
+
+    # ---- dispatch -----------------------------------------------------------------
+
+    def handle(self, endpoint: str, body: bytes) -> Answer:
+        """Decode, run, encode; every failure becomes an Err (the agent itself carries on)."""
+        try:
+            request = protocol.decode(endpoint, body)
+        except ProtocolError as exc:
+            status = 404 if endpoint not in protocol.ENDPOINTS else 400
+            return Answer(status, protocol.error(str(exc)), err=str(exc))
+        name = getattr(request, "name", "")
+        try:
+            return Answer(200, self._dispatch(endpoint, request), volume=name)
+        except EfsplugError as exc:
+            return Answer(200, self._error_body(endpoint, str(exc)), volume=name, err=str(exc))
+        except Exception as exc:  # a bug: Docker gets one line, the journal the traceback
+            traceback.print_exc(file=sys.stderr)
+            text = f"internal error ({type(exc).__name__}) in the efsplug agent; see its log"
+            return Answer(500, protocol.error(text), volume=name, err=text)
+
+    @staticmethod
+    def _error_body(endpoint: str, err: str) -> Dict[str, Any]:
+        if endpoint in (protocol.MOUNT, protocol.PATH):
+            return protocol.mountpoint("", err)
+        return protocol.error(err)
+
+    def _dispatch(self, endpoint: str, request: object) -> Dict[str, Any]:
+        if endpoint == protocol.ACTIVATE:
+            return protocol.activate()
+        if endpoint == protocol.CAPABILITIES:
+            return protocol.capabilities()
+        if endpoint == protocol.LIST:
+            return protocol.volume_list(
+                [{"Name": v.name, "Mountpoint": v.mountpoint} for v in self._volumes.values()]
+            )
+        if endpoint == protocol.CREATE:
+            assert isinstance(request, CreateRequest)
+            self.create(request.name, request.opts)
+            return protocol.error("")
+        assert isinstance(request, (NameRequest, MountIdRequest))
+        if endpoint == protocol.GET:
+            v = self._existing(request.name)
+            return protocol.volume(v.name, v.mountpoint, v.created_at, v.status())
+        if endpoint == protocol.PATH:
+            return protocol.mountpoint(self._existing(request.name).mountpoint)
+        if endpoint == protocol.REMOVE:
+            self.remove(request.name)
+            return protocol.error("")
+        assert isinstance(request, MountIdRequest)
+        if endpoint == protocol.MOUNT:
+            return protocol.mountpoint(self.mount(request.name, request.id))
+        self.unmount(request.name, request.id)
+        return protocol.error("")
+
+    # ---- changes: under the volume's lock -------------------------------------------
+
+    def create(self, name: str, opts: Mapping[str, str]) -> None:
+        """Validate and record; no mount. The same definition again is a success (ECS retries)."""
+        volume = new_volume(name, opts, self.volumes_root, self._clock())  # validation needs no lock
+        with self._locks.hold(name):
+            existing = self._volumes.get(name)
+            if existing is not None:
+                if same_definition(existing, volume):
+                    return
+                raise UsageError(
+                    f"volume {shown(name)} already exists with different options; remove it or choose another name"
+                )
+            self._commit(name, volume)
+
+    def mount(self, name: str, mount_id: str) -> str:
+        with self._locks.hold(name):
+            volume = self._existing(name)
+            # The kernel decides, not our record: after a reboot the record says mounted
+            # but nothing is; after a crash between mount and commit it is the reverse.
+            made = not self.mounter.is_mounted(volume.mountpoint)
+            if made:
+                self._mount_now(volume)
+            try:
+                self._commit(name, mounted_with(volume, mount_id))
+            except BaseException:
+                if made:
+                    self._unmount_quietly(volume)  # Docker gets an Err: nobody will use this mount
+                raise
+            return volume.mountpoint
+
+    def _mount_now(self, volume: Volume) -> None:
+        request = volume.request()  # validated again: the state file could be edited
+        self._ensure_dir(Path(volume.mountpoint))
+        self.mounter.mount(request)
+
+    def _ensure_dir(self, mountpoint: Path) -> None:
+        if not self.volumes_root.is_dir():
+            self.volumes_root.mkdir(mode=ROOT_MODE, parents=True, exist_ok=True)
+        try:
+            os.mkdir(mountpoint, MOUNTPOINT_MODE)
+        except FileExistsError:
+            pass
+        os.chmod(mountpoint, MOUNTPOINT_MODE)
+
+    def unmount(self, name: str, mount_id: str) -> None:
+        with self._locks.hold(name):
+            volume = self._volumes.get(name)
+            if volume is None:
+                return  # nothing of ours: success, as for an unknown ID
+            after, last = unmount_step(volume, mount_id)
+            if after is volume:
+                return
+            if last:
+                try:
+                    self.mounter.unmount(volume.mountpoint)
+                except BaseException:
+                    self._commit(name, after)  # the reference is gone; Remove still unmounts
+                    raise
+                after = unmounted(after)
+            self._commit(name, after)
+
+    def remove(self, name: str) -> None:
+        """Forget the volume; a mounted one is unmounted first. Unknown names succeed (retries)."""
+        with self._locks.hold(name):
+            volume = self._volumes.get(name)
+            if volume is None:
+                return
+            # Docker removes only volumes no container uses: remaining references are stale.
+            if volume.mounted or self.mounter.is_mounted(volume.mountpoint):
+                self.mounter.unmount(volume.mountpoint)
+            self._commit(name, None)
+            try:
+                os.rmdir(volume.mountpoint)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:  # not empty or still busy: keep it, say so
+                print(f"remove {name}: mountpoint kept ({exc.strerror})", flush=True)
+
+    def _unmount_quietly(self, volume: Volume) -> None:
+        try:
+            self.mounter.unmount(volume.mountpoint)
+        except Exception as exc:
+            print(f"mount {volume.name}: could not undo the mount: {exc}", flush=True)
+
+    def _commit(self, name: str, volume: Optional[Volume]) -> None:
+        """Write the state with name changed, then publish the new snapshot."""
+        with self._commit_lock:
+            changed: MutableMapping[str, Volume] = dict(self._volumes)
+            if volume is None:
+                changed.pop(name, None)
+            else:
+                changed[name] = volume
+            self.store.save(changed)  # durable before anyone sees it
+            self._volumes = MappingProxyType(dict(changed))

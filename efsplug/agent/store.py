@@ -1,0 +1,126 @@
+"""The agent's durable state: every volume, in one versioned JSON file.
+
+Written with fsutil.atomic_write (temp file, fsync, rename, fsync dir) before any answer
+goes back to Docker. A file that cannot be used is moved aside with a timestamp and the
+agent starts empty instead of crash-looping (the reference plugin exits on every start).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
+
+from efsplug.agent.protocol import VOLUME_NAME_RE, MOUNT_ID_RE
+from efsplug.agent.volumes import Volume
+from efsplug.errors import EfsplugError
+from efsplug.fsutil import atomic_write
+
+FORMAT_VERSION = 1
+DEFAULT_STATE_PATH = Path("/var/lib/ecs/data/efsplug-volumes.json")
+FILE_MODE = 0o600  # holds credentials URIs
+DIR_MODE = 0o700
+
+
+class StateWriteError(EfsplugError):
+    """The state could not be made durable: the change is refused, Docker sees why."""
+
+
+class CorruptState(ValueError):
+    """The state file's content is unusable; the message says why (no values echoed)."""
+
+
+@dataclass(frozen=True)
+class Loaded:
+    volumes: Dict[str, Volume]
+    quarantined: Optional[Path] = None  # where an unusable file was moved
+    problem: Optional[str] = None
+
+
+def encode(volumes: Mapping[str, Volume]) -> bytes:
+    body = {
+        "version": FORMAT_VERSION,
+        "volumes": {name: _volume_dict(v) for name, v in sorted(volumes.items())},
+    }
+    return (json.dumps(body, indent=1, sort_keys=True) + "\n").encode()
+
+
+def _volume_dict(volume: Volume) -> Dict[str, Any]:
+    data = asdict(volume)
+    data["refs"] = dict(volume.refs)
+    del data["name"]  # the key
+    return data
+
+
+def decode(raw: bytes) -> Dict[str, Volume]:
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CorruptState(f"not valid JSON ({type(exc).__name__})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("volumes"), dict):
+        raise CorruptState("not an object with 'volumes'")
+    version = data.get("version")
+    if version != FORMAT_VERSION:
+        raise CorruptState(f"format version {version!r} is not {FORMAT_VERSION} (written by another efsplug version?)")
+    return {name: _volume(name, item) for name, item in data["volumes"].items()}
+
+
+def _volume(name: str, item: object) -> Volume:
+    if not isinstance(name, str) or not VOLUME_NAME_RE.fullmatch(name):
+        raise CorruptState("a volume name is invalid")
+    if not isinstance(item, dict):
+        raise CorruptState(f"volume {name}: not an object")
+    for key in ("device", "options", "mountpoint", "created_at"):
+        if not isinstance(item.get(key), str):
+            raise CorruptState(f"volume {name}: '{key}' is missing or not a string")
+    refs = item.get("refs", {})
+    if not isinstance(refs, dict) or not all(
+        isinstance(k, str) and MOUNT_ID_RE.fullmatch(k) and isinstance(v, int) and v > 0 for k, v in refs.items()
+    ):
+        raise CorruptState(f"volume {name}: 'refs' must map mount IDs to positive counts")
+    if not isinstance(item.get("mounted", False), bool):
+        raise CorruptState(f"volume {name}: 'mounted' is not true/false")
+    return Volume(
+        name=name, device=item["device"], options=item["options"], mountpoint=item["mountpoint"],
+        created_at=item["created_at"], mounted=item.get("mounted", False), refs=tuple(sorted(refs.items())),
+    )
+
+
+class Store:
+    def __init__(self, path: Path = DEFAULT_STATE_PATH) -> None:
+        self.path = Path(path)
+
+    def load(self, now: Optional[datetime] = None) -> Loaded:
+        """Volumes from the file; an unusable file is quarantined and the state starts empty."""
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return Loaded({})
+        try:
+            return Loaded(decode(raw))
+        except CorruptState as exc:
+            return Loaded({}, self._quarantine(now or datetime.now(timezone.utc)), str(exc))
+
+    def _quarantine(self, when: datetime) -> Path:
+        stamp = when.strftime("%Y%m%dT%H%M%S.%fZ")
+        target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        os.replace(self.path, target)
+        return target
+
+    def save(self, volumes: Mapping[str, Volume]) -> None:
+        """Durable before it returns (fsync of the file and of the directory)."""
+        try:
+            if not self.path.parent.is_dir():
+                # Create only what is missing; an existing directory (/var/lib/ecs/data) keeps its mode.
+                self.path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            atomic_write(self.path, encode(volumes), FILE_MODE)
+        except OSError as exc:
+            raise StateWriteError(
+                f"cannot write the agent state {self.path}: {exc.strerror or exc}; free space or fix permissions"
+            ) from None
+
+    def quarantined_files(self) -> List[Path]:
+        return sorted(self.path.parent.glob(f"{self.path.name}.corrupt-*"))

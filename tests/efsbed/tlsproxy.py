@@ -2,6 +2,11 @@
 
 One thread per connection, each running a select loop over its two non-blocking sockets:
 a pyOpenSSL Connection must not be read and written from two threads at once.
+
+Like a real mount target, port 2049 also takes plain NFS: the first byte of a connection
+tells them apart (0x16 opens a TLS handshake record; an ONC RPC record marker starts with
+the last-fragment bit, 0x80). Plain NFS goes to the file system root's export unless
+IAM is required, which plain NFS cannot satisfy.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from efsbed.credentials import BedCredentials
 from efsbed.endpoint import NO_ACCESS_POINT, EndpointConfig
 
 HANDSHAKE_TIMEOUT = 15.0
+TLS_HANDSHAKE_RECORD = 0x16
 CHUNK = 256 * 1024
 BUFFER_LIMIT = 4 * 1024 * 1024  # stop reading a side while this much waits to be written
 
@@ -64,6 +70,11 @@ class Endpoint:
         # Ask for a client certificate but take any chain: like EFS, trust comes from the
         # SigV4 signature inside it (the TLS handshake still proves the key is held).
         ctx.set_verify(SSL.VERIFY_PEER, lambda conn, cert, err, depth, ok: True)
+        # Every connection gets a full handshake and its own IAM check. Resumption would
+        # also need a session id context (without one OpenSSL fails every resumed
+        # handshake with "session id context uninitialized", i.e. every other reconnect).
+        ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+        ctx.set_options(SSL.OP_NO_TICKET)
         return ctx
 
     def reload(self) -> None:
@@ -108,11 +119,16 @@ class Endpoint:
         conn = SSL.Connection(self.context, raw)
         conn.set_accept_state()
         backend: Optional[socket.socket] = None
-        record = {"peer": f"{peer[0]}:{peer[1]}", "access_point": None, "access_key_id": None}
+        record = {"peer": f"{peer[0]}:{peer[1]}", "access_point": None, "access_key_id": None, "transport": "tls"}
         try:
-            if not _sends_anything(raw):
+            first = _first_byte(raw)
+            if first is None:
                 # A port probe (procs.wait_for_port) or a client that gave up: not a refusal.
                 self.events.write(event="dropped", reason="closed before the handshake", **record)
+                return
+            if first != TLS_HANDSHAKE_RECORD:
+                record["transport"] = "plain"
+                backend = self._plain(raw, record)
                 return
             try:
                 _handshake(conn, raw)
@@ -138,7 +154,29 @@ class Endpoint:
         finally:
             if backend is not None:
                 backend.close()
-            raw.close()
+            _close_gently(raw)
+
+    def _plain(self, raw: socket.socket, record: dict) -> Optional[socket.socket]:
+        """Plain NFS: relay to the root export, or refuse when IAM is required; the backend socket."""
+        config = self.config
+        if config.iam_required:
+            self.events.write(event="refused", reason="plain NFS refused: IAM authorization required", **record)
+            return None
+        port = config.routes.get(NO_ACCESS_POINT)
+        if port is None:
+            self.events.write(event="refused", reason="no route without access point", **record)
+            return None
+        try:
+            backend = socket.create_connection(("127.0.0.1", port), timeout=5.0)
+        except OSError as e:
+            self.events.write(event="refused", reason=f"backend unavailable: {e.strerror or e}", **record)
+            return None
+        self.events.write(event="accepted", reason="", backend_port=port, **record)
+        backend.settimeout(None)
+        backend.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        raw.setblocking(True)
+        _relay_plain(raw, backend)
+        return backend
 
     def serve_forever(self) -> None:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -167,13 +205,62 @@ def _wait(sock: socket.socket, readable: bool, deadline: float) -> None:
         raise TimeoutError("handshake timed out")
 
 
-def _sends_anything(raw: socket.socket) -> bool:
+def _first_byte(raw: socket.socket) -> Optional[int]:
+    """The client's first byte, left in the socket; None if it closed without sending."""
     deadline = time.monotonic() + HANDSHAKE_TIMEOUT
     try:
         _wait(raw, True, deadline)
-        return raw.recv(1, socket.MSG_PEEK) != b""
+        data = raw.recv(1, socket.MSG_PEEK)
     except (OSError, TimeoutError):
-        return False
+        return None
+    return data[0] if data else None
+
+
+def _close_gently(raw: socket.socket, timeout: float = 5.0) -> None:
+    """Close with a FIN, never a reset: send EOF, then read and drop what the client still sends.
+
+    close() with unread input makes the kernel answer RST. The guest reaches the endpoint
+    through slirp, which aborts when a host peer resets a connection it is writing to
+    (SIGPIPE, then an fd_set overflow), taking the whole guest network down; a refused
+    client must not be able to do that.
+    """
+    try:
+        raw.setblocking(False)
+        raw.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + timeout
+        while True:
+            _wait(raw, True, deadline)
+            if not raw.recv(CHUNK):
+                break
+    except (OSError, TimeoutError):
+        pass  # already reset, or the client never closed: nothing more to be gentle about
+    finally:
+        raw.close()
+
+
+def _relay_plain(client: socket.socket, backend: socket.socket) -> None:
+    """Copy both ways with one blocking thread per direction (no TLS state to share)."""
+
+    def pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                data = src.recv(CHUNK)
+                if not data:
+                    _shutdown_write(dst)
+                    return
+                dst.sendall(data)
+        except OSError:
+            # One side broke: wake the other direction up too.
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    upstream = threading.Thread(target=pump, args=(client, backend), daemon=True)
+    upstream.start()
+    pump(backend, client)
+    upstream.join()
 
 
 def _handshake(conn: SSL.Connection, raw: socket.socket) -> None:

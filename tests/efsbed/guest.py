@@ -222,8 +222,11 @@ class Guest:
             log=self.workdir / "vde_switch.log", keep_stdin_open=True,
         )
         _wait_for(lambda: (switch_dir / "ctl").exists(), self._procs["vde_switch"], deadline)
+        # slirpvde dies of SIGPIPE when a host peer resets a connection it still writes to
+        # (an endpoint refusing a client): with SIGPIPE ignored it gets EPIPE and carries on.
         self._procs["slirpvde"] = procs.start(
-            "slirpvde", ["slirpvde", "-s", str(switch_dir)], tag=self.tag, log=self.workdir / "slirpvde.log",
+            "slirpvde", ["env", "--ignore-signal=PIPE", "slirpvde", "-s", str(switch_dir)], tag=self.tag,
+            log=self.workdir / "slirpvde.log",
         )
         argv = [
             "linux.uml", f"mem={self.mem_mb}M", "rootfstype=hostfs", "rootflags=/", "ro",

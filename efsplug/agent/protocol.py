@@ -104,6 +104,8 @@ def _name(value: object) -> str:
 
 
 def _mount_id(value: object) -> str:
+    if value is None:
+        raise ProtocolError("mount ID is missing; send the \"ID\" Docker assigned")
     if not isinstance(value, str) or not MOUNT_ID_RE.fullmatch(value):
         raise ProtocolError(f"mount ID {shown(value)} is invalid; send the \"ID\" Docker assigned")
     return value

@@ -64,7 +64,8 @@ def decode(raw: bytes) -> Dict[str, Volume]:
         raise CorruptState("not an object with 'volumes'")
     version = data.get("version")
     if version != FORMAT_VERSION:
-        raise CorruptState(f"format version {version!r} is not {FORMAT_VERSION} (written by another efsplug version?)")
+        shown_version = version if isinstance(version, int) else "missing or not a number"
+        raise CorruptState(f"format version {shown_version} is not {FORMAT_VERSION} (written by another efsplug version?)")
     return {name: _volume(name, item) for name, item in data["volumes"].items()}
 
 

@@ -103,6 +103,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             body = self._body()
             if body is None:
                 self.close_connection = True  # the unread body cannot be skipped safely
+                self._linger = True
                 text = f"request body over {protocol.MAX_BODY} bytes; Docker never sends one this large"
                 answer = Answer(413, protocol.error(text), err=text)
             else:
@@ -111,6 +112,31 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         finally:
             self.server.leave()
             self.server.log.request(endpoint, answer, time.perf_counter() - started)
+
+    _linger = False
+    LINGER_BYTES = 16 * protocol.MAX_BODY
+    LINGER_SECONDS = 2.0
+
+    def finish(self) -> None:
+        super().finish()
+        if self._linger:
+            self._drain()
+
+    def _drain(self) -> None:
+        """Close gently after refusing an unread body: closing a unix socket with unread
+        input makes the client's read fail (ECONNRESET) before it sees our answer."""
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + self.LINGER_SECONDS
+            left = self.LINGER_BYTES
+            while left > 0 and time.monotonic() < deadline:
+                self.connection.settimeout(max(0.01, deadline - time.monotonic()))
+                chunk = self.connection.recv(65536)
+                if not chunk:
+                    break
+                left -= len(chunk)
+        except OSError:
+            pass  # the client went away: nothing left to be gentle about
 
     def _not_post(self) -> None:
         text = f"method {self.command} is not supported; the plugin protocol uses POST"

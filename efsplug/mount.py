@@ -29,10 +29,11 @@ from efsplug.options import MountRequest, nfs_mount_options, validate_region
 from efsplug.resolve import MountTarget, locate_mount_target
 from efsplug.sigv4 import AwsCredentials
 from efsplug.stunnel import TunnelSpec
-from efsplug.tunnel import Tunnel, TunnelError
+from efsplug.tunnel import Tunnel, TunnelError, TunnelIdentity
 
 STUNNEL_NAMES = ("stunnel", "stunnel5", "stunnel4")
 KEY_FILE = "privateKey.pem"
+TUNNEL_LOG = "stunnel.log"  # stunnel's notices: why the mount target closed our connections
 
 
 @dataclass
@@ -97,7 +98,11 @@ def mount_efs(
     with contextlib.ExitStack() as undo:
         record = _start_tunnel(request, config, mount_config, region, target, identity, timings, now, undo)
         with timings.phase("mount.nfs4"):
-            _mount(request, mount_config, f"127.0.0.1:{request.path}", nfs_mount_options(request, tunnel_port=record.port))
+            _mount(
+                request, mount_config, f"127.0.0.1:{request.path}", nfs_mount_options(request, tunnel_port=record.port),
+                tunnel_log=str(Path(str(record.config_file)).with_name(TUNNEL_LOG)), target=target.address,
+                identity=_describe(identity),
+            )
         undo.pop_all()  # the mount is made: everything created now belongs to it
     return record
 
@@ -177,18 +182,23 @@ def _start_tunnel(
             cert_file=cert_file,
             key_file=key_file,
             ocsp=request.ocsp if request.ocsp is not None else mount_config.stunnel_check_cert_validity,
-            debug_log=str(mount_dir / "stunnel.log") if mount_config.stunnel_debug_enabled else None,
+            debug_log=str(mount_dir / TUNNEL_LOG) if mount_config.stunnel_debug_enabled else None,
             fips=mount_config.fips_mode_enabled,
         )
         with timings.phase("tunnel"):
             try:
                 tunnel = Tunnel.start(
                     spec, config_path=mount_dir / "stunnel.conf", stunnel_binary=_stunnel_binary(config),
-                    netns=request.netns,
+                    netns=request.netns, log_path=mount_dir / TUNNEL_LOG,
                 )
             except (TunnelError, OSError) as exc:
                 raise MountFailure(f"TLS tunnel to {target.address} did not start: {exc}{_tunnel_hint(exc, spec)}") from None
             undo.callback(tunnel.stop)
+            # Tunnel.start takes the identity right after fork+exec, when /proc/<pid>/cmdline
+            # can still be empty (seen under UML): such an identity matches nothing, so the
+            # tunnel could never be stopped or found again. It listens now: exec is done,
+            # and the pid is still our unreaped child, so it cannot have been reused.
+            tunnel.identity = TunnelIdentity.of(tunnel.pid)
     record = replace(
         record,
         tunnel=tunnel.identity,
@@ -230,12 +240,28 @@ def _write_certificate(
     return str(cert_path), replace(record, cert_not_before=cert_request.not_before, cert_not_after=cert_request.not_after)
 
 
-def _mount(request: MountRequest, mount_config: MountConfig, source: str, options: str) -> None:
+def _describe(identity: Identity) -> Optional[str]:
+    """Which IAM identity the certificate carried: its source and access key id, never a secret."""
+    if identity.credentials is None:
+        return None
+    return f"IAM identity {identity.source} (access key {identity.credentials.access_key_id})"
+
+
+def _mount(
+    request: MountRequest,
+    mount_config: MountConfig,
+    source: str,
+    options: str,
+    *,
+    tunnel_log: Optional[str] = None,
+    target: str = "the mount target",
+    identity: Optional[str] = None,
+) -> None:
     flags = [flag for flag, on in (("-n", request.no_mtab), ("-s", request.sloppy), ("-v", request.verbose)) if on]
     attempts = mount_config.retry_nfs_mount_command_count if mount_config.retry_nfs_mount_command else 1
     mount_nfs(
         NfsMount(source, str(request.mountpoint), options, netns=request.netns, flags=flags,
-                 access_point=request.accesspoint),
+                 access_point=request.accesspoint, tunnel_log=tunnel_log, target=target, identity=identity),
         attempts=attempts,
         attempt_timeout=float(mount_config.retry_nfs_mount_command_timeout_sec),
         verbose=request.verbose,

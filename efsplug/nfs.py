@@ -3,20 +3,39 @@
 EFS answers a fresh TLS connection with "Connection reset by peer" while a mount target
 warms up, and an access point's IAM decision can take a moment to propagate ("access
 denied"), so those two, and only those, are retried with back-off.
+
+Through a tunnel, mount.nfs4 alone cannot say why a mount fails: the kernel sees its
+connections to 127.0.0.1 closed and keeps reconnecting until the attempt times out. The
+tunnel's log can: it records whether the mount target was unreachable, failed the
+certificate check, or accepted TLS and then closed every connection unanswered (the
+mount target refusing the IAM identity). While mount.nfs4 runs, that log is watched so a
+mount the server keeps refusing fails in about a second instead of at the timeout.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import subprocess
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import List, Optional, Sequence
 
 from efsplug.errors import MountFailure
 from efsplug.netns import opened, preexec_entering
 
 MOUNT_NFS4 = "/sbin/mount.nfs4"  # mount(8) may run helpers with a minimal PATH
+# Connections the server closed right after our first bytes, with no answer and no
+# connection answered in between: a refusal, not a warming-up mount target.
+REFUSALS_BEFORE_GIVING_UP = 12
+_POLL_MAX = 0.1
+_LOG_TAIL_BYTES = 64 * 1024
+
+_CLOSED = re.compile(r"Connection [a-z/]+: (\d+) byte\(s\) sent to TLS, (\d+) byte\(s\) sent to socket")
+_CONNECT_FAILED = re.compile(r"s_connect: connect\S* (.+)")
+_CERT_PROBLEM = re.compile(r"(CERT: .*|Rejected by CERT.*|certificate verify failed.*)")
+_TLS_ALERT = re.compile(r"SSL_connect: .*?:([^:]+)$")
 
 
 @dataclass(frozen=True)
@@ -27,6 +46,75 @@ class NfsMount:
     netns: Optional[str] = None
     flags: Sequence[str] = ()  # mount(8) flags passed on: -n, -s, -v
     access_point: Optional[str] = None
+    tunnel_log: Optional[str] = None  # the tunnel's log, when mounting through one
+    target: str = "the mount target"  # where the tunnel connects, for messages
+    identity: Optional[str] = None  # "IAM identity <source> (access key <id>)"; never a secret
+
+
+@dataclass(frozen=True)
+class TunnelVerdict:
+    """What the tunnel's log says about the connections made so far (pure)."""
+
+    refused: int = 0  # closed by the server after the handshake, without an answer
+    failed: int = 0  # closed before any byte went through: unreachable, or the handshake failed
+    answered: int = 0  # connections that carried replies: the server does talk to us
+    connect_error: Optional[str] = None
+    cert_error: Optional[str] = None
+    tls_error: Optional[str] = None
+
+    @property
+    def hopeless(self) -> bool:
+        return self.answered == 0 and self.refused + self.failed >= REFUSALS_BEFORE_GIVING_UP
+
+
+def read_tunnel_log(text: str) -> TunnelVerdict:
+    """Count stunnel's per-connection outcomes; keep the first reason of each kind."""
+    counts = {"refused": 0, "failed": 0, "answered": 0}
+    reasons: dict = {}
+    for line in text.splitlines():
+        line = line.rstrip()
+        closed = _CLOSED.search(line)
+        if closed:
+            to_tls, to_socket = int(closed.group(1)), int(closed.group(2))
+            counts["answered" if to_socket else ("refused" if to_tls else "failed")] += 1
+            continue
+        for kind, pattern in (("connect_error", _CONNECT_FAILED), ("cert_error", _CERT_PROBLEM),
+                              ("tls_error", _TLS_ALERT)):
+            found = pattern.search(line)
+            if found:
+                reasons.setdefault(kind, found.group(1).strip())
+                break
+    return TunnelVerdict(**counts, **reasons)
+
+
+def tunnel_diagnosis(verdict: TunnelVerdict, mount: NfsMount) -> Optional[str]:
+    """The cause an operator can act on, from the tunnel's point of view; None if it saw none."""
+    if verdict.answered:
+        return None  # the server talks to us: the NFS layer's own error is the one to show
+    if verdict.cert_error:
+        return (
+            f"the TLS tunnel rejected {mount.target}'s certificate ({verdict.cert_error}); check stunnel_cafile "
+            "in efs-utils.conf (or cafile=) and that the file system's DNS name matches the certificate"
+        )
+    if verdict.refused:
+        who = mount.identity or "this client (no IAM identity was sent)"
+        where = f"access point {mount.access_point}" if mount.access_point else "the file system"
+        return (
+            f"the mount target {mount.target} refused {who}: it closed the TLS connection unanswered "
+            f"{verdict.refused} times; check that the credentials are valid and current and that the "
+            f"file system policy allows them to mount {where}"
+        )
+    if verdict.connect_error:
+        return (
+            f"the TLS tunnel cannot reach {mount.target} port 2049 ({verdict.connect_error}); check that the "
+            "mount target's security group allows TCP 2049 from this host"
+        )
+    if verdict.tls_error:
+        return (
+            f"the TLS handshake with {mount.target} failed ({verdict.tls_error}); check the tunnel settings "
+            "(stunnel_cafile, verify, ocsp) in efs-utils.conf"
+        )
+    return None
 
 
 def retryable(stderr: str, *, access_point: bool) -> bool:
@@ -53,33 +141,74 @@ def explain(stderr: str, mount: NfsMount) -> str:
     return f"mount.nfs4 failed: {last}; {hint}"
 
 
+def _tunnel_verdict(mount: NfsMount, since: int) -> TunnelVerdict:
+    """The verdict over what the tunnel logged after offset since (this attempt only)."""
+    if mount.tunnel_log is None:
+        return TunnelVerdict()
+    try:
+        with open(mount.tunnel_log, "rb") as f:
+            f.seek(max(since, f.seek(0, 2) - _LOG_TAIL_BYTES))
+            return read_tunnel_log(f.read().decode(errors="replace"))
+    except OSError:
+        return TunnelVerdict()
+
+
+def _log_size(mount: NfsMount) -> int:
+    try:
+        return Path(mount.tunnel_log).stat().st_size if mount.tunnel_log else 0
+    except OSError:
+        return 0
+
+
+def _run_attempt(argv: List[str], mount: NfsMount, timeout: float) -> "subprocess.CompletedProcess[str]":
+    """One mount.nfs4 run; stopped early when the tunnel shows the server refusing us."""
+    since = _log_size(mount)
+    with contextlib.ExitStack() as stack:
+        ns_fd = stack.enter_context(opened(mount.netns)) if mount.netns else None
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            preexec_fn=preexec_entering(ns_fd),
+        )
+    deadline = time.monotonic() + timeout
+    delay = 0.02
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                out, err = proc.communicate(timeout=max(0.0, min(delay, remaining)))
+                return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+            except subprocess.TimeoutExpired:
+                pass
+            verdict = _tunnel_verdict(mount, since)
+            if verdict.hopeless:
+                raise MountFailure(tunnel_diagnosis(verdict, mount) or "the server refused every connection")
+            if remaining <= 0:
+                cause = tunnel_diagnosis(verdict, mount)
+                raise MountFailure(cause or (
+                    f"mount.nfs4 did not finish within {timeout:g}s; the server is not answering: check the "
+                    "tunnel and that the mount target's security group allows TCP 2049"
+                ))
+            delay = min(delay * 2, _POLL_MAX)
+    finally:
+        if proc.poll() is None:
+            proc.kill()  # mount.nfs4 holds no state of its own: the kernel drops the attempt
+            proc.communicate()
+
+
 def mount_nfs(mount: NfsMount, *, attempts: int, attempt_timeout: float, verbose: bool = False) -> None:
     """Run mount.nfs4, retrying retryable failures up to attempts times in all."""
     argv: List[str] = [MOUNT_NFS4, mount.source, mount.mountpoint, *mount.flags, "-o", mount.options]
     delay = 0.5
     for attempt in range(1, max(attempts, 1) + 1):
         try:
-            with contextlib.ExitStack() as stack:
-                ns_fd = stack.enter_context(opened(mount.netns)) if mount.netns else None
-                done = subprocess.run(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    capture_output=True,
-                    text=True,
-                    timeout=attempt_timeout,
-                    preexec_fn=preexec_entering(ns_fd),
-                )
-        except subprocess.TimeoutExpired:
-            raise MountFailure(
-                f"mount.nfs4 did not finish within {attempt_timeout:g}s; the server is not answering: check the "
-                "tunnel and that the mount target's security group allows TCP 2049"
-            ) from None
+            done = _run_attempt(argv, mount, attempt_timeout)
         except FileNotFoundError:
             raise MountFailure("mount.nfs4 not found; install nfs-utils (nfs-common on Debian)") from None
         if done.returncode == 0:
             return
         if attempt == attempts or not retryable(done.stderr, access_point=bool(mount.access_point)):
-            raise MountFailure(explain(done.stderr, mount))
+            cause = tunnel_diagnosis(_tunnel_verdict(mount, 0), mount)
+            raise MountFailure(cause or explain(done.stderr, mount))
         if verbose:
             print(f"mount.efs: retrying mount.nfs4 ({done.stderr.strip()})")
         time.sleep(delay)  # back-off: the server told us to come back, there is no event to wait on

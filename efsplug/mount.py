@@ -23,7 +23,7 @@ from efsplug.config import Config, MountConfig
 from efsplug.errors import MountFailure, shown
 from efsplug.fsutil import atomic_write, ensure_dir
 from efsplug.imds import InstanceMetadata, MetadataUnavailable
-from efsplug.netns import check_namespace
+from efsplug.netns import CLONE_NEWNET, opened
 from efsplug.nfs import NfsMount, mount_nfs
 from efsplug.options import MountRequest, nfs_mount_options, validate_region
 from efsplug.resolve import MountTarget, locate_mount_target
@@ -124,7 +124,29 @@ def _check_preconditions(request: MountRequest) -> None:
     if request.mountpoint and not os.path.isdir(request.mountpoint):
         raise MountFailure(f"mount point {shown(request.mountpoint)} is not a directory; create it with mkdir -p")
     if request.netns:
-        check_namespace(request.netns)
+        _check_network_namespace(request.netns)
+
+
+NS_GET_NSTYPE = 0xB703  # ioctl on a namespace file: its CLONE_NEW* type (Linux >= 4.11)
+
+
+def _check_network_namespace(netns: str) -> None:
+    """Fail early, with the fix, when netns= is not a network namespace.
+
+    Asks the kernel (NS_GET_NSTYPE) rather than reading the fd's link: an `ip netns`
+    file is a bind mount whose link reads as its path, not "net:[...]".
+    """
+    import fcntl
+
+    with opened(netns) as fd:
+        try:
+            kind = fcntl.ioctl(fd, NS_GET_NSTYPE)
+        except OSError:
+            kind = None
+    if kind != CLONE_NEWNET:
+        raise MountFailure(
+            f"netns {shown(netns)} is not a network namespace; pass /proc/<pid>/ns/net or an ip-netns name"
+        )
 
 
 def _identity(request: MountRequest, environ: Mapping[str, str]) -> Identity:

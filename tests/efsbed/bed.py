@@ -146,8 +146,7 @@ class Bed:
                 Forward(ECS_IP, 80, self.task_credentials.port),
             ],
             hosts={self.dns_name: mt_ip, f"{self.az}.{self.dns_name}": mt_ip},
-            # The checkout with its venv, and the bed's files (CA bundle), even under /tmp.
-            shares={str(REPO): REPO, str(self.workdir): self.workdir},
+            shares={str(self.workdir): self.workdir},  # the bed's files (CA bundle), even under /tmp
             sbin={"mount.efs": str(MOUNT_EFS)},
         ))
         self.guest.start()

@@ -48,6 +48,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 from efsbed import procs
 
 HERE = Path(__file__).resolve().parent
+CHECKOUT = HERE.parents[1]  # holds the guest's agent and the venv; may sit under /tmp (tmpfs in the guest)
 INIT = HERE / "guest_init.py"
 AGENT = HERE / "guest_agent.py"
 DEFAULT_HANG_GRACE = 15.0
@@ -170,7 +171,7 @@ class Guest:
         self.tag = tag
         self.forwards = tuple(forwards)
         self.hosts = dict(hosts)
-        self.shares = {str(k): Path(v).resolve() for k, v in shares.items()}
+        self.shares = {str(CHECKOUT): CHECKOUT, **{str(k): Path(v).resolve() for k, v in shares.items()}}
         self.sbin = dict(sbin)
         self.mem_mb = mem_mb
         self.hang_grace = hang_grace

@@ -225,14 +225,15 @@ def after_restart(track: Tracking, ok: bool, now: float, policy: Policy) -> Trac
     return replace(track, restart_failures=failures, next_restart_attempt=now + wait)
 
 
-def after_renewal(track: Tracking, ok: bool, now: float, policy: Policy) -> Tracking:
-    """Success clears any revocation; failure backs off exponentially and marks revoked."""
+def after_renewal(track: Tracking, ok: bool, now: float, policy: Policy, *, revoked: bool = True) -> Tracking:
+    """Success clears any revocation; failure backs off exponentially, and marks the
+    credentials revoked when their source no longer gives any (revoked=True)."""
     if ok:
         return replace(track, renew_failures=0, next_renew_attempt=None, revoked_since=None)
     failures = track.renew_failures + 1
     wait = backoff(failures, policy.backoff_base, policy.backoff_max)
-    revoked = track.revoked_since if track.revoked_since is not None else now
-    return replace(track, renew_failures=failures, next_renew_attempt=now + wait, revoked_since=revoked)
+    since = track.revoked_since if track.revoked_since is not None else (now if revoked else None)
+    return replace(track, renew_failures=failures, next_renew_attempt=now + wait, revoked_since=since)
 
 
 def after_unmount(track: Tracking, ok: bool) -> Tracking:

@@ -258,3 +258,8 @@ def test_policy_from_config():
     assert policy.check_interval == 2
     default = d.policy_from(parse_config("").config, cleanup_wait_seconds=3 * 3600)
     assert default.renewal_interval == 3600 and default.health_interval == 300 and default.check_interval == 60
+
+
+def test_failure_that_is_not_a_revocation_backs_off_without_marking():
+    track = d.after_renewal(SEEN, False, NOW, POLICY, revoked=False)
+    assert track.revoked_since is None and track.next_renew_attempt == NOW + 10

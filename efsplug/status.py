@@ -1,0 +1,127 @@
+"""`efsplug status`: every efs mount, its tunnel, its credentials and what the supervisor thinks.
+
+Read-only: records from the state directory, the kernel's mount table, the tunnel
+processes and the supervisor's per-mount status files. Credential sources are named,
+never their secrets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import List, Optional
+
+from efsplug import state
+from efsplug.config import load_config
+from efsplug.errors import EfsplugError
+from efsplug.mounttable import KernelMount, ports_in_use, read_mounts
+from efsplug.state import MountRecord
+from efsplug.supervisor.lock import LOCK_NAME
+from efsplug.supervisor.statusfile import read_status
+from efsplug.tunnel import Tunnel, listening_on
+from efsplug.unmount import mount_dir
+
+
+@dataclass(frozen=True)
+class MountView:
+    mountpoint: str
+    fs_id: str
+    path: str
+    state: str
+    reason: str
+    mounted: bool
+    port: Optional[int]
+    tunnel_pid: Optional[int]
+    tunnel_alive: bool
+    tunnel_listening: bool
+    access_point: Optional[str]
+    credential_source: Optional[str]
+    credential_expiry: Optional[str]
+    cert_expiry: Optional[str]
+    netns: Optional[str]
+
+
+def supervised(state_dir: Path) -> bool:
+    """True if a supervisor holds the lock (we cannot take it without waiting)."""
+    try:
+        fd = os.open(Path(state_dir) / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def view(record: MountRecord, mounts: List[KernelMount], state_dir: Path, supervisor_running: bool) -> MountView:
+    mounted = any(m.is_nfs and os.path.normpath(m.mountpoint) == os.path.normpath(record.mountpoint) for m in mounts)
+    users = ports_in_use(mounts).get(record.port, []) if record.port else []
+    tunnel = Tunnel.from_identity(record.tunnel) if record.tunnel else None
+    listening = bool(tunnel and record.port and listening_on(tunnel.pid, record.port))
+    reported = read_status(mount_dir(record, state_dir)) if supervisor_running else None
+    if not mounted and not users:
+        current, reason = "unmounted-pending-reap", "not in the mount table"
+    elif record.tls and tunnel is None:
+        current, reason = ("tunnel-restarting" if supervisor_running else "tunnel-down"), "tunnel process is gone"
+    elif reported is not None:
+        current, reason = reported.state, reported.reason
+    else:
+        current, reason = "ok", ""
+    if not supervisor_running:
+        reason = (reason + "; " if reason else "") + "no supervisor is running"
+
+    def iso(when) -> Optional[str]:
+        return when.isoformat() if when else None
+
+    return MountView(
+        mountpoint=record.mountpoint, fs_id=record.fs_id, path=record.path, state=current, reason=reason,
+        mounted=mounted, port=record.port, tunnel_pid=record.tunnel.pid if record.tunnel else None,
+        tunnel_alive=tunnel is not None, tunnel_listening=listening, access_point=record.access_point,
+        credential_source=record.credential_source, credential_expiry=iso(record.credential_expiry),
+        cert_expiry=iso(record.cert_not_after), netns=record.netns,
+    )
+
+
+def collect(state_dir: Path) -> List[MountView]:
+    records, _problems = state.load_all(state_dir)
+    mounts = read_mounts()
+    running = supervised(state_dir)
+    return [view(r, mounts, state_dir, running) for r in sorted(records, key=lambda r: r.mountpoint)]
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="one JSON document (a list of mounts)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = load_config().config
+    except EfsplugError as exc:
+        print(f"efsplug status: {exc}", file=sys.stderr)
+        return exc.exit_code
+    views = collect(Path(config.efsplug.state_dir))
+    if args.json:
+        print(json.dumps([asdict(v) for v in views], indent=2))
+        return 0
+    if not views:
+        print("no efs mounts")
+        return 0
+    for v in views:
+        tunnel = f"port {v.port} pid {v.tunnel_pid} {'alive' if v.tunnel_alive else 'dead'}" if v.port else "no tunnel"
+        print(f"{v.mountpoint}  {v.fs_id}:{v.path}  {v.state}" + (f" ({v.reason})" if v.reason else ""))
+        print(f"    tunnel: {tunnel}" + (f", netns {v.netns}" if v.netns else ""))
+        if v.access_point:
+            print(f"    access point: {v.access_point}")
+        if v.credential_source:
+            print(f"    credentials: {v.credential_source}, expire {v.credential_expiry or 'never'}")
+        if v.cert_expiry:
+            print(f"    certificate expires {v.cert_expiry}")
+    return 0

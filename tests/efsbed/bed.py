@@ -49,11 +49,13 @@ class Bed:
         az: str = "us-east-1a",
         iam_required: bool = False,
         with_guest: bool = True,
+        guest_systemd: bool = False,
     ) -> None:
         self.workdir = Path(workdir)
         self.region, self.az = region, az
         self.iam_required = iam_required
         self.with_guest = with_guest
+        self.guest_systemd = guest_systemd
         self.tag = procs.new_tag()
         self.access_points: List[AccessPoint] = []
         self._started: List[object] = []  # everything with stop(), in start order
@@ -148,6 +150,7 @@ class Bed:
             hosts={self.dns_name: mt_ip, f"{self.az}.{self.dns_name}": mt_ip},
             shares={str(self.workdir): self.workdir},  # the bed's files (CA bundle), even under /tmp
             sbin={"mount.efs": str(MOUNT_EFS)},
+            systemd=self.guest_systemd,
         ))
         self.guest.start()
         self.write_guest_config(f"[mount]\nstunnel_cafile = {self.ca.cert_path}\n")

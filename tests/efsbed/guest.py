@@ -166,6 +166,7 @@ class Guest:
         sbin: Mapping[str, str] = {},
         mem_mb: int = 1024,
         hang_grace: float = DEFAULT_HANG_GRACE,
+        systemd: bool = False,
     ) -> None:
         self.workdir = Path(workdir).resolve()
         self.tag = tag
@@ -174,6 +175,7 @@ class Guest:
         self.shares = {str(CHECKOUT): CHECKOUT, **{str(k): Path(v).resolve() for k, v in shares.items()}}
         self.sbin = dict(sbin)
         self.mem_mb = mem_mb
+        self.systemd = systemd  # PID 1 becomes systemd after setup (units tested for real)
         self.hang_grace = hang_grace
         self.console_log = self.workdir / "guest-console.log"
         self.agent_pid: Optional[int] = None
@@ -247,6 +249,7 @@ class Guest:
             "forwards": [f.__dict__ for f in self.forwards],
             "hosts": self.hosts,
             "shares": {k: str(v) for k, v in self.shares.items()},
+            "systemd": self.systemd,
             "sbin": self.sbin,
         }
 

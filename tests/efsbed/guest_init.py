@@ -215,6 +215,30 @@ def run_agent(cfg: Dict[str, object]) -> None:
     power_off()
 
 
+def exec_systemd(cfg: Dict[str, object]) -> None:
+    """Hand PID 1 to the host's systemd, with the control agent as a service.
+
+    Everything above (filesystems, fail-closed firewall, network) is already in place and
+    systemd does not touch it; the target pulls in only basic.target and the agent, so a
+    test can install and start real units and see them behave as on an ECS host.
+    """
+    units = "/etc/systemd/system"
+    os.makedirs(units, exist_ok=True)
+    env = " ".join(f"{k}={v}" for k, v in BASE_ENV.items())
+    with open(f"{units}/efsbed-agent.service", "w") as f:
+        f.write(
+            "[Unit]\nDescription=efsbed guest control agent\nDefaultDependencies=no\n"
+            f"[Service]\nEnvironment={env}\n"
+            f"ExecStart={sys.executable} {cfg['agent']} {cfg['config_path']}\n"
+            # Commands the tests run (daemons included) stay in this cgroup; none may be killed
+            # behind the test's back, and the host powers the guest off, not systemd.
+            "KillMode=none\n"
+        )
+    with open(f"{units}/efsbed.target", "w") as f:
+        f.write("[Unit]\nDescription=efsbed guest\nRequires=basic.target efsbed-agent.service\nAfter=basic.target\n")
+    os.execv("/lib/systemd/systemd", ["/lib/systemd/systemd", "--system", "--unit=efsbed.target"])
+
+
 def main() -> None:
     step = "reading the configuration"
     try:
@@ -235,6 +259,12 @@ def main() -> None:
     except BaseException as exc:  # noqa: BLE001 - anything at all must power off
         log(f"FATAL during {step}: {exc!r}; powering off")
         power_off()
+    if cfg.get("systemd"):
+        try:
+            exec_systemd(cfg)
+        except BaseException as exc:  # noqa: BLE001 - exec failed: nothing else may run
+            log(f"FATAL starting systemd: {exc!r}; powering off")
+            power_off()
     run_agent(cfg)
 
 

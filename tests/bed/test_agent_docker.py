@@ -1,0 +1,244 @@
+"""The agent serving a real dockerd inside the kernel guest, mounting the bed's EFS through
+TLS + IAM + an access point, driven exactly as plain `docker` and the ECS agent drive it."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import signal
+import time
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+import pytest
+
+from efsbed.bed import REPO, Bed
+from efsbed.docker import IMAGE, SEED, GuestDocker
+
+pytestmark = pytest.mark.guest
+
+DRIVER = "amazon-ecs-volume-plugin"
+SOCKET = f"/run/docker/plugins/{DRIVER}.sock"
+STATE = "/var/lib/ecs/data/efsplug-volumes.json"
+ROOT = "/var/lib/ecs/volumes"
+AGENT_LOG = "/var/log/bed/efsplug-agent.log"
+
+
+class GuestAgent:
+    """`efsplug agent` with its defaults, spawned inside the guest."""
+
+    def __init__(self, bed: Bed) -> None:
+        self.bed = bed
+        self.pid: Optional[int] = None
+
+    def start(self, timeout: float = 60) -> None:
+        self.bed.run(["rm", "-f", AGENT_LOG])
+        self.pid = self.bed.guest.spawn([str(REPO / ".venv" / "bin" / "efsplug"), "agent"], log=AGENT_LOG)
+        deadline = time.monotonic() + timeout
+        while "serving" not in self.log():
+            assert self.bed.guest.kill(self.pid, 0), f"the agent exited:\n{self.log()}"
+            assert time.monotonic() < deadline, f"the agent did not serve within {timeout}s:\n{self.log()}"
+            time.sleep(0.1)  # polling the guest for the agent's first line, bounded
+
+    def log(self) -> str:
+        return self.bed.run(["cat", AGENT_LOG]).stdout
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
+        if self.pid is None:
+            return
+        self.bed.guest.kill(self.pid, sig)
+        deadline = time.monotonic() + timeout
+        while self.bed.guest.kill(self.pid, 0):
+            assert time.monotonic() < deadline, "the agent did not exit"
+            time.sleep(0.1)  # waiting for the exit, bounded
+        self.pid = None
+
+    def state(self) -> Dict[str, dict]:
+        return json.loads(self.bed.run(["cat", STATE]).stdout)["volumes"]
+
+
+@pytest.fixture(scope="module")
+def docker(bed: Bed, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GuestDocker]:
+    engine = GuestDocker(bed.guest, bed.workdir)
+    try:
+        yield engine.start()
+    finally:
+        engine.stop()
+
+
+@pytest.fixture(scope="module")
+def agent(bed: Bed, docker: GuestDocker) -> Iterator[GuestAgent]:
+    a = GuestAgent(bed)
+    a.start()
+    try:
+        yield a
+    finally:
+        a.stop()
+        bed.run(["rm", "-rf", "/var/lib/ecs", SOCKET])
+
+
+def nfs_mounts(bed: Bed) -> List[str]:
+    """Lines of /proc/mounts for NFS mounts under the volumes root."""
+    text = bed.run(["cat", "/proc/mounts"]).stdout
+    return [line for line in text.splitlines() if f" {ROOT}/" in line and " nfs4 " in line]
+
+
+def tunnels(bed: Bed) -> List[str]:
+    return bed.run(["pgrep", "-f", "stunnel.*/run/efs/"]).stdout.split()
+
+
+def wait_for_file(path: Path, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.1)  # polling the host export for a container's write, bounded
+    return path.read_text()
+
+
+@pytest.fixture
+def export_of_ap(bed: Bed) -> Iterator[Path]:
+    """The first access point's export directory, emptied again after the test."""
+    export = bed.access_points[0].export_dir
+    before = set(export.iterdir())
+    yield export
+    for entry in set(export.iterdir()) - before:
+        entry.unlink()
+
+
+def test_docker_volume_lifecycle_through_tls_iam_access_point(
+    clean_guest: Bed, docker: GuestDocker, agent: GuestAgent, export_of_ap: Path
+) -> None:
+    bed = clean_guest
+    ap = bed.access_points[0]
+    res = docker.docker("volume", "create", "-d", DRIVER, "-o", "type=efs", "-o", f"device={bed.fs_id}",
+                        "-o", f"o=tls,iam,accesspoint={ap.id}", "vol1")
+    assert res.rc == 0, res.stderr
+    assert nfs_mounts(bed) == []  # Create does not mount
+    listed = docker.docker("volume", "ls", "--format", "{{.Driver}} {{.Name}}", check=True).stdout.split("\n")
+    assert f"{DRIVER} vol1" in listed
+    inspected = json.loads(docker.docker("volume", "inspect", "vol1", check=True).stdout)[0]
+    assert (inspected["Driver"], inspected["Mountpoint"]) == (DRIVER, f"{ROOT}/vol1")
+    assert inspected["Status"]["AccessPoint"] == ap.id and inspected["Status"]["FileSystemId"] == bed.fs_id
+
+    # Copying mount: the image's /data content lands in the empty volume, then the write.
+    run = docker.docker("run", "--rm", "--network", "none", "-v", "vol1:/data", IMAGE,
+                        "sh", "-c", "echo written-by-a-container > /data/f; ls /data")
+    assert run.rc == 0, run.stderr
+    assert (export_of_ap / "f").read_text() == "written-by-a-container\n"
+    assert (export_of_ap / SEED).read_text() == "from the image\n"
+    run = docker.docker("run", "--rm", "--network", "none", "-v", "vol1:/data:nocopy", IMAGE,
+                        "sh", "-c", "cat /data/f; echo nocopy > /data/g")
+    assert (run.rc, run.stdout) == (0, "written-by-a-container\n"), run.stderr
+    assert (export_of_ap / "g").read_text() == "nocopy\n"
+
+    # docker cp mounts the volume of a stopped container (a Mount with an ID seen before).
+    docker.docker("create", "--name", "cpbox", "--network", "none", "-v", "vol1:/data:nocopy", IMAGE, "true", check=True)
+    try:
+        docker.docker("cp", "cpbox:/data/f", "/tmp/f-copied", check=True)
+        assert bed.run(["cat", "/tmp/f-copied"]).stdout == "written-by-a-container\n"
+    finally:
+        docker.docker("rm", "-f", "cpbox")
+    assert nfs_mounts(bed) == [] and tunnels(bed) == []  # every Unmount arrived and the last one unmounted
+    assert agent.state()["vol1"]["refs"] == {}
+
+    assert docker.docker("volume", "rm", "vol1").rc == 0
+    assert "vol1" not in docker.docker("volume", "ls", "-q", check=True).stdout.split()
+    log = agent.log()
+    # run (copying: two pairs), run :nocopy (one pair), docker cp (one pair)
+    mounts = [line for line in log.splitlines() if "ount volume=vol1" in line]
+    assert [line.split()[0] for line in mounts] == ["endpoint=VolumeDriver.Mount", "endpoint=VolumeDriver.Unmount"] * 4
+    assert all(line.endswith("outcome=ok") for line in mounts), log
+
+
+def test_a_bad_option_fails_docker_volume_create_with_our_err(
+    clean_guest: Bed, docker: GuestDocker, agent: GuestAgent
+) -> None:
+    res = docker.docker("volume", "create", "-d", DRIVER, "-o", "type=efs", "-o", f"device={clean_guest.fs_id}",
+                        "-o", "o=iam,accesspoint=fsap-0123456789abcdef0", "badvol")
+    assert res.rc != 0
+    assert "option 'iam' requires 'tls'; add tls to -o" in res.stderr
+    assert "badvol" not in docker.docker("volume", "ls", "-q").stdout.split()
+
+
+def test_the_ecs_sequence_two_containers_share_the_volume(
+    clean_guest: Bed, docker: GuestDocker, agent: GuestAgent, export_of_ap: Path
+) -> None:
+    bed = clean_guest
+    ap = bed.access_points[0]
+    rel_id = secrets.token_hex(8)
+    bed.task_credentials.grant(rel_id)
+    # ECS names are ecs-<family>-<revision>-<volume>-<hex>; the dashes are left out here
+    # until mount_efs accepts them (see test_an_ecs_style_volume_name_mounts).
+    name = f"ecsweb3data{secrets.token_hex(10)}"
+    # The task's "pause" container provides the netns the ECS agent names. --network host
+    # because a netns of its own could not reach the bed's endpoint: the path is still a
+    # real container's /proc/<pid>/ns/net, entered by the tunnel and mount.nfs4.
+    docker.run_detached("pause", ["--network", "host"], ["sleep", "3600"])
+    try:
+        pid = docker.docker("inspect", "-f", "{{.State.Pid}}", "pause", check=True).stdout.strip()
+        o = f"tls,iam,awscredsuri=/v2/credentials/{rel_id},accesspoint={ap.id},netns=/proc/{pid}/ns/net"
+        docker.docker("volume", "create", "-d", DRIVER, "-o", "type=efs", "-o", f"device={bed.fs_id}",
+                      "-o", f"o={o}", name, check=True)
+        for c in ("c1", "c2"):
+            docker.run_detached(c, ["--network", "none", "-v", f"{name}:/data"],
+                                ["sh", "-c", f"echo {c} > /data/{c}; exec sleep 3600"])
+        for c in ("c1", "c2"):
+            assert wait_for_file(export_of_ap / c) == f"{c}\n"
+        assert len(nfs_mounts(bed)) == 1 and len(tunnels(bed)) == 1
+        assert bed.task_credentials.requests(rel_id) >= 1  # the IAM identity came from the task's URI
+        assert sum(agent.state()[name]["refs"].values()) == 2
+
+        docker.docker("stop", "-t", "1", "c1", check=True)
+        assert len(nfs_mounts(bed)) == 1 and len(tunnels(bed)) == 1  # c2 still uses it
+        docker.docker("stop", "-t", "1", "c2", check=True)
+        assert nfs_mounts(bed) == [] and tunnels(bed) == []  # last Unmount: mount and tunnel gone
+        assert bed.run(["sh", "-c", "ls /run/efs/*.json 2>/dev/null"]).stdout == ""
+
+        docker.docker("rm", "c1", "c2", check=True)
+        assert docker.docker("volume", "rm", name).rc == 0
+        assert name not in agent.state()
+    finally:
+        docker.docker("rm", "-f", "c1", "c2", "pause")
+        bed.task_credentials.revoke(rel_id)
+
+
+def test_kill_9_of_the_agent_leaves_live_mounts_untouched(
+    clean_guest: Bed, docker: GuestDocker, agent: GuestAgent, export_of_ap: Path
+) -> None:
+    bed = clean_guest
+    ap = bed.access_points[0]
+    docker.docker("volume", "create", "-d", DRIVER, "-o", "type=efs", "-o", f"device={bed.fs_id}",
+                  "-o", f"o=tls,iam,accesspoint={ap.id}", "survivor", check=True)
+    try:
+        docker.run_detached("holder", ["--network", "none", "-v", "survivor:/data:nocopy"], ["sleep", "3600"])
+        before, tunnels_before = nfs_mounts(bed), tunnels(bed)
+        assert len(before) == 1 and len(tunnels_before) == 1
+        agent.stop(signal.SIGKILL)
+        agent.start()
+        assert nfs_mounts(bed) == before and tunnels(bed) == tunnels_before  # same mount, same stunnel pid
+        assert "its mount is gone" not in agent.log() and "adopted" not in agent.log()
+        saved = agent.state()["survivor"]
+        assert saved["mounted"] is True and sum(saved["refs"].values()) == 1
+        res = docker.docker("exec", "holder", "sh", "-c", "echo after-restart > /data/after")
+        assert res.rc == 0, res.stderr
+        assert (export_of_ap / "after").read_text() == "after-restart\n"
+        docker.docker("stop", "-t", "1", "holder", check=True)  # Unmount reaches the new agent
+        assert nfs_mounts(bed) == [] and tunnels(bed) == []
+    finally:
+        docker.docker("rm", "-f", "holder")
+        docker.docker("volume", "rm", "survivor")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "product bug outside the agent: state.escape_path turns '-' into '\\x2d' in the per-mount "
+    "directory, and stunnel.TunnelSpec refuses the backslash in cert_file; every ECS volume name has dashes"))
+def test_an_ecs_style_volume_name_mounts(clean_guest: Bed, docker: GuestDocker, agent: GuestAgent) -> None:
+    bed = clean_guest
+    name = f"ecs-web-3-data-{secrets.token_hex(10)}"
+    docker.docker("volume", "create", "-d", DRIVER, "-o", "type=efs", "-o", f"device={bed.fs_id}",
+                  "-o", f"o=tls,iam,accesspoint={bed.access_points[0].id}", name, check=True)
+    try:
+        res = docker.docker("run", "--rm", "--network", "none", "-v", f"{name}:/data:nocopy", IMAGE, "true")
+        assert res.rc == 0, res.stderr
+    finally:
+        docker.docker("volume", "rm", name)

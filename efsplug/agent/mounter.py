@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Optional, Protocol
 
 from efsplug.config import Config, load_config
+from efsplug.mount import mount_efs
 from efsplug.options import MountRequest
+from efsplug.unmount import is_mounted, unmount_efs
 
 
 class Mounter(Protocol):
@@ -35,18 +37,12 @@ class EfsMounter:
         return load_config(self.config_path).config
 
     def mount(self, request: MountRequest) -> None:
-        from efsplug.mount import mount_efs  # heavy imports (cryptography) only when mounting
-
         mount_efs(request, self.config())
 
     def unmount(self, mountpoint: str) -> None:
-        from efsplug.unmount import unmount_efs
-
         # Not lazy first: a plain umount that finishes is the clean case; unmount_efs falls
         # back to a lazy one when the server cannot answer (the task's netns is gone).
         unmount_efs(mountpoint, state_dir=Path(self.config().efsplug.state_dir), timeout=self.unmount_timeout)
 
     def is_mounted(self, mountpoint: str) -> bool:
-        from efsplug.unmount import is_mounted
-
         return is_mounted(mountpoint)

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, List, Mapping, Optional, Tuple
 
-from efsplug.sigv4 import AwsCredentials
+from efsplug.imds import InstanceMetadata, MetadataUnavailable, http_request, parse_time
+
+if TYPE_CHECKING:
+    from efsplug.sigv4 import AwsCredentials
 
 ECS_CREDENTIALS_ENDPOINT = "http://169.254.170.2"
 TIMEOUT_SECONDS = 3.0
@@ -106,33 +106,40 @@ def _from_container_env(detail: str, environ: Mapping[str, str]) -> AwsCredentia
 
 
 def _get_container_json(url: str, *, headers: Mapping[str, str], label: str) -> AwsCredentials:
-    request = urllib.request.Request(url, headers=dict(headers))
+    from efsplug.sigv4 import AwsCredentials
+
     try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT_SECONDS) as response:
-            body = json.loads(response.read())
+        status, text = http_request("GET", url, headers, TIMEOUT_SECONDS)
+    except OSError as exc:
+        reason = str(exc) or type(exc).__name__
+        raise CredentialsUnavailable(f"{label} did not answer ({reason}); is the ECS agent running?") from None
+    if status != 200:
+        raise CredentialsUnavailable(
+            f"{label} answered HTTP {status}; the task's credentials are gone (task stopped?) or the URI is wrong"
+        )
+    try:
+        body = json.loads(text)
         return AwsCredentials(
             access_key_id=body["AccessKeyId"],
             secret_access_key=body["SecretAccessKey"],
             session_token=body.get("Token"),
-            expiry=_parse_time(body.get("Expiration")),
+            expiry=parse_time(body.get("Expiration")),
         )
-    except urllib.error.HTTPError as exc:
-        raise CredentialsUnavailable(
-            f"{label} answered HTTP {exc.code}; the task's credentials are gone (task stopped?) or the URI is wrong"
-        ) from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise CredentialsUnavailable(f"{label} did not answer ({reason}); is the ECS agent running?") from None
     except (ValueError, KeyError, TypeError):
         raise CredentialsUnavailable(f"{label} answered without AccessKeyId/SecretAccessKey") from None
 
 
 def _from_profile(name: str, environ: Mapping[str, str]) -> AwsCredentials:
-    from botocore.credentials import ConfigProvider, SharedCredentialProvider
-
     home = environ.get("HOME", "/root")
     creds_file = environ.get("AWS_SHARED_CREDENTIALS_FILE", f"{home}/.aws/credentials")
     config_file = environ.get("AWS_CONFIG_FILE", f"{home}/.aws/config")
+    if not any(os.path.exists(os.path.expanduser(f)) for f in (creds_file, config_file)):
+        # The usual case on instances and in tasks; not worth importing botocore for.
+        raise CredentialsUnavailable(f"profile {name!r}: neither {creds_file} nor {config_file} exists")
+    from botocore.credentials import ConfigProvider, SharedCredentialProvider
+
+    from efsplug.sigv4 import AwsCredentials
+
     for provider in (
         SharedCredentialProvider(creds_filename=os.path.expanduser(creds_file), profile_name=name),
         ConfigProvider(config_filename=os.path.expanduser(config_file), profile_name=name),
@@ -150,6 +157,8 @@ def _from_profile(name: str, environ: Mapping[str, str]) -> AwsCredentials:
 def _from_web_identity(role_arn: str, environ: Mapping[str, str]) -> AwsCredentials:
     import botocore.session
 
+    from efsplug.sigv4 import AwsCredentials
+
     session = botocore.session.get_session()
     provider = session.get_component("credential_provider").get_provider("assume-role-with-web-identity")
     try:
@@ -164,23 +173,20 @@ def _from_web_identity(role_arn: str, environ: Mapping[str, str]) -> AwsCredenti
 
 
 def _from_instance_role(_detail: str, environ: Mapping[str, str]) -> AwsCredentials:
-    from botocore.utils import InstanceMetadataFetcher
+    """The instance profile's role, through efsplug's IMDS client (v2, then v1).
 
-    endpoint = environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://169.254.169.254/")
-    fetched = InstanceMetadataFetcher(timeout=1, num_attempts=1, base_url=endpoint).retrieve_iam_role_credentials()
-    if not fetched:
+    botocore's InstanceMetadataFetcher does the same requests, but importing it costs
+    more than the whole rest of a mount on a small instance.
+    """
+    from efsplug.sigv4 import AwsCredentials
+
+    try:
+        found = InstanceMetadata.from_environment(environ).role_credentials()
+    except MetadataUnavailable as exc:
         raise CredentialsUnavailable(
-            "instance role: instance metadata gave no role credentials (no role attached, or IMDS hop limit too low)"
-        )
-    return AwsCredentials(fetched["access_key"], fetched["secret_key"], fetched.get("token"),
-                          _parse_time(fetched.get("expiry_time")))
-
-
-def _parse_time(text: Optional[str]) -> Optional[datetime]:
-    if not text:
-        return None
-    parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+            f"instance role: {exc} (no role attached, or IMDS hop limit too low)"
+        ) from None
+    return AwsCredentials(found.access_key_id, found.secret_access_key, found.token, found.expiry)
 
 
 _FETCHERS: Mapping[str, Callable[[str, Mapping[str, str]], AwsCredentials]] = {

@@ -10,10 +10,8 @@ import sys
 from typing import List, Optional
 
 from efsplug import __version__
-from efsplug.config import load_config
 from efsplug.errors import EXIT_MOUNT_FAILURE, EfsplugError
-from efsplug.mount import Timings, mount_efs
-from efsplug.options import USAGE, parse_mount_args
+from efsplug.options import USAGE
 
 PROG = "mount.efs"
 
@@ -26,6 +24,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if "-h" in args or "--help" in args:
         print(f"usage: {USAGE}")
         return 0
+    # The mount machinery is imported only when a mount is asked for.
+    from efsplug.config import load_config
+    from efsplug.mount import Timings, mount_efs
+    from efsplug.options import parse_mount_args
+
     try:
         request = parse_mount_args(args)
         loaded = load_config()

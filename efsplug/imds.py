@@ -1,35 +1,58 @@
 """The EC2 instance metadata service: IMDSv2 (session token) first, v1 as fallback.
 
-Only what the mount needs: region, availability zone and its id. The base URL honours
-botocore's AWS_EC2_METADATA_SERVICE_ENDPOINT so operators have one knob for both.
+What the mount needs: region, availability zone and its id, and the instance role's
+credentials. The base URL honours botocore's AWS_EC2_METADATA_SERVICE_ENDPOINT (and
+AWS_EC2_METADATA_DISABLED) so operators have one set of knobs for both.
+
+Plain http.client rather than urllib.request or botocore: `mount.efs` is a short-lived
+process and those imports cost more than the requests themselves (about 0.15 s and
+0.8 s under the test bed's user-mode kernel).
 """
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
-from typing import Dict, Mapping, Optional
+from datetime import datetime, timezone
+from typing import Dict, Mapping, Optional, Tuple
+from urllib.parse import urlsplit
 
 DEFAULT_ENDPOINT = "http://169.254.169.254"
 TOKEN_TTL_SECONDS = 21600
+ROLE_PATH = "latest/meta-data/iam/security-credentials/"
 
 
 class MetadataUnavailable(Exception):
     """IMDS did not answer (not on EC2, hop limit too low for containers, or disabled)."""
 
 
+@dataclass(frozen=True)
+class RoleCredentials:
+    """The instance role's temporary credentials; repr shows no secret."""
+
+    role: str
+    access_key_id: str
+    secret_access_key: str = field(repr=False)
+    token: Optional[str] = field(default=None, repr=False)
+    expiry: Optional[datetime] = None
+
+
 @dataclass
 class InstanceMetadata:
     endpoint: str = DEFAULT_ENDPOINT
     timeout: float = 1.0
+    disabled: bool = False
     _token: Optional[str] = field(default=None, repr=False)
     _cache: Dict[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] = os.environ) -> "InstanceMetadata":
-        return cls(endpoint=environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT", DEFAULT_ENDPOINT).rstrip("/"))
+        return cls(
+            endpoint=environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT", DEFAULT_ENDPOINT).rstrip("/"),
+            disabled=environ.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true",
+        )
 
     def region(self) -> str:
         return self.get("latest/meta-data/placement/region")
@@ -40,43 +63,90 @@ class InstanceMetadata:
     def availability_zone_id(self) -> str:
         return self.get("latest/meta-data/placement/availability-zone-id")
 
+    def role_credentials(self) -> RoleCredentials:
+        """The attached role's credentials (never cached: they rotate)."""
+        listed = self.get(ROLE_PATH).split()
+        role = listed[0] if listed else ""
+        if not role:
+            raise MetadataUnavailable("instance metadata lists no IAM role; attach an instance profile")
+        body = self._fetch(ROLE_PATH + role)
+        try:
+            doc = json.loads(body)
+            return RoleCredentials(
+                role=role,
+                access_key_id=doc["AccessKeyId"],
+                secret_access_key=doc["SecretAccessKey"],
+                token=doc.get("Token"),
+                expiry=parse_time(doc.get("Expiration")),
+            )
+        except (ValueError, KeyError, TypeError):
+            raise MetadataUnavailable(f"instance metadata role {role!r}: answer without AccessKeyId/SecretAccessKey") from None
+
     def get(self, path: str) -> str:
         if path not in self._cache:
             self._cache[path] = self._fetch(path)
         return self._cache[path]
 
     def _fetch(self, path: str) -> str:
+        if self.disabled:
+            raise MetadataUnavailable("instance metadata is disabled (AWS_EC2_METADATA_DISABLED=true)")
         token = self._session_token()
         headers = {"X-aws-ec2-metadata-token": token} if token else {}
-        request = urllib.request.Request(f"{self.endpoint}/{path}", headers=headers)
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return response.read().decode().strip()
-        except (urllib.error.URLError, OSError) as exc:
-            raise MetadataUnavailable(
-                f"instance metadata {self.endpoint}/{path} did not answer ({_reason(exc)}); "
-                "on EC2 check that IMDS is enabled and, inside containers, that the hop limit is at least 2"
-            ) from None
+            status, body = self._request("GET", path, headers)
+        except OSError as exc:
+            raise MetadataUnavailable(self._unanswered(path, str(exc) or type(exc).__name__)) from None
+        if status != 200:
+            raise MetadataUnavailable(self._unanswered(path, f"HTTP {status}"))
+        return body
+
+    def _unanswered(self, path: str, reason: str) -> str:
+        return (
+            f"instance metadata {self.endpoint}/{path} did not answer ({reason}); on EC2 check that IMDS is "
+            "enabled and, inside containers, that the hop limit is at least 2"
+        )
 
     def _session_token(self) -> Optional[str]:
         """IMDSv2 token, or None to fall back to v1 when the PUT is not answered."""
         if self._token is None:
-            request = urllib.request.Request(
-                f"{self.endpoint}/latest/api/token",
-                method="PUT",
-                headers={"X-aws-ec2-metadata-token-ttl-seconds": str(TOKEN_TTL_SECONDS)},
-            )
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    self._token = response.read().decode().strip()
-            except (urllib.error.URLError, OSError):
+                status, body = self._request(
+                    "PUT", "latest/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": str(TOKEN_TTL_SECONDS)}
+                )
+                self._token = body.strip() if status == 200 else ""
+            except OSError:
                 self._token = ""
         return self._token or None
 
+    def _request(self, method: str, path: str, headers: Mapping[str, str]) -> Tuple[int, str]:
+        return http_request(method, f"{self.endpoint}/{path}", headers, self.timeout)
 
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, urllib.error.HTTPError):
-        return f"HTTP {exc.code}"
-    if isinstance(exc, urllib.error.URLError):
-        return str(exc.reason)
-    return str(exc)
+
+def http_request(method: str, url: str, headers: Mapping[str, str], timeout: float) -> Tuple[int, str]:
+    """One HTTP(S) request: (status, body text). OSError for anything on the wire."""
+    parts = urlsplit(url)
+    if parts.scheme == "https":
+        connection: http.client.HTTPConnection = http.client.HTTPSConnection(
+            parts.hostname or "", parts.port, timeout=timeout)
+    elif parts.scheme == "http":
+        connection = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=timeout)
+    else:
+        raise OSError(f"unsupported URL scheme {parts.scheme!r}")
+    target = parts.path or "/"
+    if parts.query:
+        target += "?" + parts.query
+    try:
+        connection.request(method, target, headers=dict(headers))
+        response = connection.getresponse()
+        return response.status, response.read().decode(errors="replace")
+    except http.client.HTTPException as exc:  # not an OSError: a garbled or cut answer
+        raise OSError(f"bad HTTP answer ({type(exc).__name__})") from None
+    finally:
+        connection.close()
+
+
+def parse_time(text: Optional[str]) -> Optional[datetime]:
+    if not text:
+        return None
+    parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)

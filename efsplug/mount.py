@@ -16,9 +16,9 @@ import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Callable, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, List, Mapping, Optional, Tuple
 
-from efsplug import certificate, credentials, naming, ports, state
+from efsplug import naming, ports, state
 from efsplug.config import Config, MountConfig
 from efsplug.errors import MountFailure, shown
 from efsplug.fsutil import atomic_write, ensure_dir
@@ -27,9 +27,14 @@ from efsplug.netns import CLONE_NEWNET, opened
 from efsplug.nfs import NfsMount, mount_nfs
 from efsplug.options import MountRequest, nfs_mount_options, validate_region
 from efsplug.resolve import MountTarget, locate_mount_target
-from efsplug.sigv4 import AwsCredentials
 from efsplug.stunnel import TunnelSpec
 from efsplug.tunnel import Tunnel, TunnelError, TunnelIdentity
+
+if TYPE_CHECKING:
+    # Imported where used: cryptography and the credential sources cost a short-lived
+    # mount.efs a noticeable share of its run, and plain or TLS-only mounts need neither.
+    from efsplug.credentials import CredentialSource
+    from efsplug.sigv4 import AwsCredentials
 
 STUNNEL_NAMES = ("stunnel", "stunnel5", "stunnel4")
 KEY_FILE = "privateKey.pem"
@@ -59,7 +64,7 @@ class Identity:
     """What authorizes the TLS connection: IAM credentials and where they came from."""
 
     credentials: Optional[AwsCredentials] = None
-    source: Optional[credentials.CredentialSource] = None
+    source: Optional[CredentialSource] = None
 
 
 def mount_efs(
@@ -152,6 +157,7 @@ def _check_network_namespace(netns: str) -> None:
 def _identity(request: MountRequest, environ: Mapping[str, str]) -> Identity:
     if not request.iam:
         return Identity()
+    from efsplug import credentials
     try:
         found, source = credentials.find_credentials(
             awsprofile=request.awsprofile, awscredsuri=request.awscredsuri, environ=environ
@@ -251,6 +257,8 @@ def _write_certificate(
     record: state.MountRecord,
     when: datetime,
 ) -> Tuple[str, state.MountRecord]:
+    from efsplug import certificate
+
     key = certificate.load_or_create_private_key(key_path)
     cert_request = certificate.certificate_request(
         fs_id=request.fs_id, region=region, hostname=socket.gethostname(), now=when,

@@ -9,6 +9,7 @@ containers keep their volumes across agent restarts and upgrades.
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 import threading
@@ -20,8 +21,10 @@ from efsplug.agent.plugin import Plugin
 from efsplug.agent.reconcile import reconcile
 from efsplug.agent.server import AgentServer, RequestLog, bind_socket
 from efsplug.agent.store import DEFAULT_STATE_PATH, Store
+from efsplug.config import load_config
 from efsplug.errors import EfsplugError
 from efsplug.mounttable import read_mounts
+from efsplug.supervisor.runner import Supervisor
 
 PROG = "efsplug agent"
 DEFAULT_SOCKET = Path("/run/docker/plugins/amazon-ecs-volume-plugin.sock")
@@ -38,6 +41,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help=f"where volumes are mounted, one directory each (default {DEFAULT_VOLUMES_ROOT})")
     parser.add_argument("--config", type=Path, default=None,
                         help="efs-utils.conf to use (default /etc/amazon/efs/efs-utils.conf or $EFSPLUG_CONFIG)")
+    parser.add_argument("--no-supervisor", action="store_true",
+                        help="do not supervise mounts in process (another `efsplug supervise` does)")
 
 
 def say(text: str) -> None:
@@ -58,18 +63,29 @@ def build_plugin(args: argparse.Namespace) -> Plugin:
     return Plugin(store, args.volumes_root, mounter=EfsMounter(args.config), initial=result.volumes)
 
 
-# ---- SUPERVISOR HOOK ------------------------------------------------------------------
-# The supervisor (efsplug/supervisor/, another engineer's) renews IAM certificates, keeps
-# tunnels alive and reaps orphans; the agent is to run it in process. Until its API is
-# documented this hook starts nothing; wire it here: start before serving, stop after.
-def start_supervisor(args: argparse.Namespace) -> Optional[object]:
-    return None
+# ---- SUPERVISOR ------------------------------------------------------------------------
+# The supervisor (efsplug/supervisor/) keeps tunnels alive, renews IAM certificates and
+# reaps what is gone; in process, it asks the plugin how many Docker references a
+# mountpoint has (a referenced volume is never reaped) and is told when they change.
+# With [mount-watchdog] enabled = false, or --no-supervisor, nothing is started.
+def start_supervisor(args: argparse.Namespace, plugin: Plugin) -> Optional["Supervisor"]:
+    if args.no_supervisor:
+        return None
+    loaded = load_config(args.config)
+    if not loaded.config.watchdog.enabled:
+        say("[mount-watchdog] enabled = false: mounts are not supervised")
+        return None
+    logging.basicConfig(level=getattr(logging, loaded.config.default.logging_level),
+                        format="efsplug agent: supervisor %(levelname)s %(message)s", stream=sys.stderr)
+    supervisor = Supervisor(loaded.config, references=plugin.references)
+    plugin.on_change = supervisor.notify
+    supervisor.start()
+    return supervisor
 
 
-def stop_supervisor(supervisor: Optional[object]) -> None:
-    stop = getattr(supervisor, "stop", None)
-    if callable(stop):
-        stop()
+def stop_supervisor(supervisor: Optional["Supervisor"]) -> None:
+    if supervisor is not None:
+        supervisor.stop()
 # ----------------------------------------------------------------------------------------
 
 
@@ -77,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         plugin = build_plugin(args)
         server = AgentServer(bind_socket(args.socket), plugin, RequestLog())
+        supervisor = start_supervisor(args, plugin)
     except (EfsplugError, OSError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr, flush=True)
         return 1
@@ -87,7 +104,6 @@ def run(args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    supervisor = start_supervisor(args)
     serving = threading.Thread(target=server.serve_forever, name="efsplug-agent-accept", daemon=True)
     serving.start()
     say(f"serving {args.socket} ({len(plugin.volumes)} volumes, state {args.state})")

@@ -63,12 +63,22 @@ class Plugin:
         self._volumes: Mapping[str, Volume] = MappingProxyType(dict(initial))
         self._locks = LockTable()
         self._commit_lock = threading.Lock()
+        # Told the mountpoint after every change (the supervisor re-checks that mount).
+        self.on_change: Optional[Callable[[str], None]] = None
 
     # ---- reads: never wait ------------------------------------------------------------
 
     @property
     def volumes(self) -> Mapping[str, Volume]:
         return self._volumes  # an immutable snapshot; replaced as a whole on every change
+
+    def references(self, mountpoint: str) -> Optional[int]:
+        """Docker references of the volume at mountpoint; None if no volume lives there."""
+        wanted = os.path.normpath(mountpoint)
+        for volume in self._volumes.values():
+            if os.path.normpath(volume.mountpoint) == wanted:
+                return volume.ref_total
+        return None
 
     def _existing(self, name: str) -> Volume:
         volume = self._volumes.get(name)
@@ -217,6 +227,7 @@ class Plugin:
     def _commit(self, name: str, volume: Optional[Volume]) -> None:
         """Write the state with name changed, then publish the new snapshot."""
         with self._commit_lock:
+            before = self._volumes.get(name)
             changed: MutableMapping[str, Volume] = dict(self._volumes)
             if volume is None:
                 changed.pop(name, None)
@@ -224,3 +235,6 @@ class Plugin:
                 changed[name] = volume
             self.store.save(changed)  # durable before anyone sees it
             self._volumes = MappingProxyType(dict(changed))
+        subject = volume or before
+        if self.on_change is not None and subject is not None:
+            self.on_change(subject.mountpoint)

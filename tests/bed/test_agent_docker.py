@@ -148,6 +148,7 @@ def test_docker_volume_lifecycle_through_tls_iam_access_point(
     mounts = [line for line in log.splitlines() if "ount volume=vol1" in line]
     assert [line.split()[0] for line in mounts] == ["endpoint=VolumeDriver.Mount", "endpoint=VolumeDriver.Unmount"] * 4
     assert all(line.endswith("outcome=ok") for line in mounts), log
+    assert "supervisor INFO supervising efs mounts" in log  # the supervisor runs in the agent
 
 
 def test_a_bad_option_fails_docker_volume_create_with_our_err(

@@ -75,6 +75,7 @@ def test_every_endpoint_with_dockerds_bodies(agent: AgentProcess) -> None:
     assert "endpoint=VolumeDriver.Create volume=v1 duration_ms=" in log and "outcome=ok" in log
     assert "endpoint=VolumeDriver.Create volume=v2" in log and "outcome=error err=\"volume option 'device'" in log
     assert CREDS not in log and "secret-path" not in log  # the credentials URI is never logged
+    assert f"supervising efs mounts under {agent.socket_path.parents[1] / 'efs-state'}" in log
 
 
 @pytest.mark.parametrize(
@@ -140,7 +141,7 @@ def test_kill_9_and_restart_keeps_the_state_and_replaces_the_stale_socket(tmp_pa
 
 def test_a_second_agent_on_a_live_socket_refuses_to_start(agent: AgentProcess, tmp_path: Path, tag: str) -> None:
     argv = [str(EFSPLUG), "agent", "--socket", str(agent.socket_path),
-            "--state", str(tmp_path / "other.json"), "--volumes-root", str(tmp_path / "other")]
+            "--state", str(tmp_path / "other.json"), "--volumes-root", str(tmp_path / "other"), "--no-supervisor"]
     proc = procs.start("agent-dup", argv, tag=tag, log=tmp_path / "dup.log")
     try:
         assert proc.popen.wait(30) == 1

@@ -150,6 +150,8 @@ class AgentProcess:
 def start_agent(workdir: Path, *, tag: str, name: str = "agent") -> AgentProcess:
     """`efsplug agent` as a process with its files under workdir; returns once it serves."""
     socket_path, state_path = workdir / "plugins" / "efs-test.sock", workdir / "data" / "volumes.json"
+    # The in-process supervisor looks after this agent's own state dir, never the host's.
+    (workdir / "efs-utils.conf").write_text(f"[efsplug]\nstate_dir = {workdir / 'efs-state'}\n")
     argv = [str(EFSPLUG), "agent", "--socket", str(socket_path), "--state", str(state_path),
             "--volumes-root", str(workdir / "volumes"), "--config", str(workdir / "efs-utils.conf")]
     proc = procs.start(name, argv, tag=tag, log=workdir / f"{name}.log")

@@ -156,3 +156,17 @@ def test_reads_do_not_wait_for_a_mount_in_progress(tmp_path: Path) -> None:
         mounter.gate.set()
         worker.join(10)
     assert plugin.volumes["slow"].mounted
+
+
+def test_references_per_mountpoint_and_change_notices_for_the_supervisor(plugin: Plugin) -> None:
+    seen: list = []
+    plugin.on_change = seen.append
+    mp = str(plugin.volumes_root / "v1")
+    assert plugin.references(mp) == 0 and plugin.references(mp + "/") == 0
+    assert plugin.references("/somewhere/else") is None
+    call(plugin, p.MOUNT, {"Name": "v1", "ID": A})
+    call(plugin, p.MOUNT, {"Name": "v1", "ID": B})
+    assert plugin.references(mp) == 2
+    call(plugin, p.REMOVE, {"Name": "v1"})
+    assert plugin.references(mp) is None
+    assert seen == [mp, mp, mp]

@@ -128,10 +128,15 @@ def explain(stderr: str, mount: NfsMount) -> str:
     text = stderr.lower()
     if "no such device" in text:
         hint = "this kernel has no NFS client; load the nfs module (modprobe nfs)"
+    elif "access denied" in text and mount.identity:
+        where = f"access point {mount.access_point}" if mount.access_point else "the file system"
+        hint = (f"the server refused {mount.identity}; check that the credentials are valid and current and "
+                f"that the file system policy allows them to mount {where}")
     elif "access denied" in text and mount.access_point:
         hint = f"check that access point {mount.access_point} exists and the IAM policy allows ClientMount"
     elif "access denied" in text:
-        hint = "check the file system policy, and that the path exists on the file system"
+        hint = ("the file system policy may require IAM authorization (mount with -o tls,iam); also check "
+                "that the path exists on the file system")
     elif "timed out" in text or "connection refused" in text:
         hint = "check that the mount target's security group allows TCP 2049 from this host"
     elif "does not exist" in text and "mount point" in text:

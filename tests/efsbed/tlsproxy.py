@@ -27,9 +27,11 @@ from OpenSSL import SSL
 
 from efsbed import iam
 from efsbed.credentials import BedCredentials
+from efsbed.rpcdeny import deny_over_tls, deny_plain
 from efsbed.endpoint import NO_ACCESS_POINT, EndpointConfig
 
 HANDSHAKE_TIMEOUT = 15.0
+DENY_TIMEOUT = 30.0  # how long a refused client may keep sending calls to be denied
 TLS_HANDSHAKE_RECORD = 0x16
 CHUNK = 256 * 1024
 BUFFER_LIMIT = 4 * 1024 * 1024  # stop reading a side while this much waits to be written
@@ -143,6 +145,7 @@ class Endpoint:
                     raise Refused(f"backend unavailable: {e.strerror or e}") from None
             except Refused as e:
                 self.events.write(event="refused", reason=str(e), **record)
+                deny_over_tls(conn, raw, DENY_TIMEOUT)
                 _close_tls(conn, raw)
                 return
             self.events.write(event="accepted", reason="", backend_port=port, **record)
@@ -161,6 +164,7 @@ class Endpoint:
         config = self.config
         if config.iam_required:
             self.events.write(event="refused", reason="plain NFS refused: IAM authorization required", **record)
+            deny_plain(raw, DENY_TIMEOUT)
             return None
         port = config.routes.get(NO_ACCESS_POINT)
         if port is None:

@@ -49,5 +49,7 @@ def clean_guest(bed):
     mounts = bed.run(["sh", "-c", "grep -E ' nfs4? ' /proc/mounts | cut -d' ' -f2"]).stdout.split()
     for mountpoint in mounts:
         bed.run(["umount", "-l", mountpoint])
-    bed.run(["sh", "-c", "pkill -f 'stunnel.*/run/efs/' ; rm -rf /run/efs"])
+    # Anchored at the program name: unanchored, the pattern also matched this very `sh -c`,
+    # which pkill then killed before it could remove the state.
+    bed.run(["sh", "-c", "pkill -f '^[^ ]*stunnel[^ ]* [^ ]*/run/efs/' ; rm -rf /run/efs"])
     assert not mounts, f"test left NFS mounts behind: {mounts}"

@@ -20,6 +20,7 @@ from efsplug.agent.mounter import EfsMounter
 from efsplug.agent.plugin import Plugin
 from efsplug.agent.reconcile import reconcile
 from efsplug.agent.server import AgentServer, RequestLog, bind_socket
+from efsplug.sdnotify import notify
 from efsplug.agent.store import DEFAULT_STATE_PATH, Store
 from efsplug.config import load_config
 from efsplug.errors import EfsplugError
@@ -107,9 +108,11 @@ def run(args: argparse.Namespace) -> int:
     serving = threading.Thread(target=server.serve_forever, name="efsplug-agent-accept", daemon=True)
     serving.start()
     say(f"serving {args.socket} ({len(plugin.volumes)} volumes, state {args.state})")
+    notify("READY=1")
     try:
         stopping.wait()
     finally:
+        notify("STOPPING=1")
         server.shutdown()
         server.remove_socket()
         server.server_close()

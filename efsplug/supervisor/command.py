@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"efsplug supervise: {exc}", file=sys.stderr)
         return exc.exit_code
     level = logging.DEBUG if args.verbose else getattr(logging, loaded.config.default.logging_level)
-    logging.basicConfig(level=level, format="efsplug supervise: %(levelname)s %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=level, format="efsplug supervise: %(created).3f %(levelname)s %(message)s", stream=sys.stderr)
     for warning in loaded.warnings:
         logging.getLogger("efsplug.supervisor").warning("%s", warning)
     if not loaded.config.watchdog.enabled:

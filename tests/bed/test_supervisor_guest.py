@@ -1,0 +1,335 @@
+"""The supervisor in the real kernel guest: tunnels killed under I/O, renewals, revocations,
+reaping, cleanup waits, crashes and many mount cycles, against the bed's EFS."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import secrets
+import signal
+import time
+from typing import Callable, Dict, Iterator, List, Optional
+
+import pytest
+from cryptography import x509
+
+from efsbed.bed import REPO, Bed
+from efsplug.certificate import OID_CLIENT_AUTH
+
+pytestmark = pytest.mark.guest
+
+EFSPLUG = str(REPO / ".venv" / "bin" / "efsplug")
+PYTHON = str(REPO / ".venv" / "bin" / "python")
+STATE = "/run/efs"
+LOG = "/var/log/bed/efsplug-supervise.log"
+POLL = 1.0
+SEP = "--efsplug-record--"
+
+
+def wait_until(cond: Callable[[], object], timeout: float, what: str, delay: float = 0.2) -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        time.sleep(delay)  # polling the guest with a deadline
+
+
+def guest_config(bed: Bed, mount: str = "", **watchdog: object) -> str:
+    keys: Dict[str, object] = dict(poll_interval_sec=1, unmount_grace_period_sec=2, stunnel_health_check_enabled="false",
+                                   cleanup_wait_sec=3600)
+    keys.update(watchdog)
+    return (f"[mount]\nstunnel_cafile = {bed.ca.cert_path}\n{mount}[mount-watchdog]\n"
+            + "".join(f"{k} = {v}\n" for k, v in keys.items()))
+
+
+class GuestSupervisor:
+    def __init__(self, bed: Bed, argv: Optional[List[str]] = None, log: str = LOG) -> None:
+        self.bed, self.argv, self.log_path = bed, argv or [EFSPLUG, "supervise", "-v"], log
+        self.pid: Optional[int] = None
+
+    def start(self) -> "GuestSupervisor":
+        self.bed.run(["rm", "-f", self.log_path])
+        self.pid = self.bed.guest.spawn(self.argv, log=self.log_path)
+        wait_until(lambda: "supervising" in self.log() or not self.bed.guest.kill(self.pid, 0), 60, "supervisor start")
+        assert "supervising" in self.log(), self.log()
+        return self
+
+    def log(self) -> str:
+        return self.bed.run(["cat", self.log_path]).stdout
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.pid is not None:
+            self.bed.guest.kill(self.pid, sig)
+            wait_until(lambda: not self.bed.guest.kill(self.pid, 0), 30, "supervisor exit")
+            self.pid = None
+
+
+@pytest.fixture
+def configure(clean_guest: Bed) -> Iterator[Callable[..., None]]:
+    bed = clean_guest
+    yield lambda mount="", **w: bed.write_guest_config(guest_config(bed, mount, **w))
+    bed.write_guest_config(f"[mount]\nstunnel_cafile = {bed.ca.cert_path}\n")
+
+
+@pytest.fixture
+def supervisors(clean_guest: Bed) -> Iterator[Callable[..., GuestSupervisor]]:
+    started: List[GuestSupervisor] = []
+
+    def start(argv: Optional[List[str]] = None, log: str = LOG) -> GuestSupervisor:
+        sup = GuestSupervisor(clean_guest, argv, log).start()
+        started.append(sup)
+        return sup
+
+    yield start
+    for sup in started:
+        sup.kill()
+    # Safety net for a failed test ('[s]' keeps pkill from matching this very shell).
+    clean_guest.run(["sh", "-c", "pkill -f '[s]tunnel.*/run/efs/'; rm -rf /run/efs"])
+
+
+def records(bed: Bed) -> List[dict]:
+    out = bed.run(["sh", "-c", f"for f in {STATE}/*.json; do [ -e \"$f\" ] && cat \"$f\" && echo {SEP}; done"]).stdout
+    return [json.loads(chunk) for chunk in out.split(SEP) if chunk.strip()]
+
+
+def record_of(bed: Bed, mountpoint: str) -> Optional[dict]:
+    return next((r for r in records(bed) if r["mountpoint"] == mountpoint), None)
+
+
+def tunnel_pids(bed: Bed) -> List[str]:
+    return bed.run(["pgrep", "-f", f"stunnel.*{STATE}/"]).stdout.split()
+
+
+def mounted(bed: Bed, mountpoint: str) -> bool:
+    return f" {mountpoint} nfs4 " in bed.run(["cat", "/proc/mounts"]).stdout
+
+
+def umount(bed: Bed, mountpoint: str, reaped: bool = True) -> None:
+    """umount by hand; then (supervisor running) wait until it reaped the mount's leftovers."""
+    assert bed.run(["umount", mountpoint], timeout=60).rc == 0
+    if reaped:
+        wait_until(lambda: record_of(bed, mountpoint) is None, 30, f"{mountpoint} reaped")
+
+
+def mount(bed: Bed, mountpoint: str, options: str) -> None:
+    res = bed.mount_efs(mountpoint, options)
+    assert res.rc == 0, res.stderr
+
+
+def status(bed: Bed) -> List[dict]:
+    res = bed.run([EFSPLUG, "status", "--json"])
+    assert res.rc == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+def test_tunnel_killed_under_dd(configure, supervisors, clean_guest: Bed) -> None:
+    bed = clean_guest
+    configure()
+    sup = supervisors()
+    mount(bed, "/mnt/supdd", "tls")
+    try:
+        bed.run(["dd", "if=/dev/urandom", "of=/tmp/sup-src", "bs=1M", "count=100"], timeout=120)
+        want = bed.run(["sha256sum", "/tmp/sup-src"]).stdout.split()[0]
+        old = record_of(bed, "/mnt/supdd")["tunnel"]["pid"]
+        dd = bed.guest.spawn(["dd", "if=/tmp/sup-src", "of=/mnt/supdd/big", "bs=1M", "conv=fsync"], log="/tmp/sup-dd.log")
+        target = bed.export_dir / "big"
+        wait_until(lambda: target.exists() and target.stat().st_size > 10 << 20, 60, "dd under way", 0.05)
+        assert bed.run(["kill", "-9", str(old)]).rc == 0
+        killed = time.monotonic()
+        fresh = wait_until(lambda: (r := record_of(bed, "/mnt/supdd")) and r["tunnel"]["pid"] != old and r, 30,
+                           "tunnel restarted", 0.05)
+        seen_after = time.monotonic() - killed
+        wait_until(lambda: not bed.guest.kill(dd, 0), 300, "dd finished", 0.5)
+        assert "100+0 records out" in bed.run(["cat", "/tmp/sup-dd.log"]).stdout
+        assert hashlib.sha256(target.read_bytes()).hexdigest() == want
+        assert fresh["port"] == record_of(bed, "/mnt/supdd")["port"]
+        log = sup.log()
+        assert "restarted the tunnel of /mnt/supdd" in log, log
+        gap = _restart_gap(log)
+        assert gap <= 2 * POLL, f"tunnel back {gap:.3f}s after it exited (log), {seen_after:.1f}s seen from the host"
+    finally:
+        umount(bed, "/mnt/supdd")
+        bed.run(["rm", "-f", "/tmp/sup-src", "/tmp/sup-dd.log"])
+        (bed.export_dir / "big").unlink(missing_ok=True)
+
+
+def _restart_gap(log: str) -> float:
+    """Seconds between 'tunnel ... exited' and 'restarted the tunnel' in the supervisor log."""
+    stamps = {}
+    for line in log.splitlines():
+        m = re.match(r"efsplug supervise: (\d+\.\d+) ", line)
+        if m and "exited" in line and "exited" not in stamps:
+            stamps["exited"] = float(m.group(1))
+        elif m and "restarted the tunnel" in line and "exited" in stamps:
+            return float(m.group(1)) - stamps["exited"]
+    raise AssertionError(f"no exit/restart pair in the log:\n{log}")
+
+
+def _cert(bed: Bed, rec: dict) -> x509.Certificate:
+    stem = rec["config_file"].rsplit("/", 1)[0]
+    return x509.load_pem_x509_certificate(bed.run(["cat", f"{stem}/certificate.pem"]).stdout.encode())
+
+
+def _fresh_connection_key_id(bed: Bed, port: int) -> str:
+    """Open a new connection through the tunnel: the endpoint sees the certificate stunnel loaded."""
+    before = len(bed.endpoint.connection_events())
+    code = f"import socket,time; s=socket.create_connection(('127.0.0.1',{port})); time.sleep(1.5); s.close()"
+    bed.run(["python3", "-c", code], timeout=30)
+    events = wait_until(lambda: bed.endpoint.connection_events()[before:], 20, "endpoint event")
+    assert events[-1]["event"] == "accepted", events
+    return events[-1]["access_key_id"]
+
+
+def test_certificates_renewed_under_io(configure, supervisors, clean_guest: Bed) -> None:
+    bed = clean_guest
+    configure(tls_cert_renewal_interval_sec=4)
+    sup = supervisors()
+    mount(bed, "/mnt/supiam", "tls,iam")
+    try:
+        rec = record_of(bed, "/mnt/supiam")
+        tunnel = rec["tunnel"]["pid"]
+        serials, signatures, key_ids = set(), set(), set()
+        for i in range(3):
+            bed.imds.rotate_role_credentials()  # so each renewal signs with a new key
+            before = _cert(bed, rec).serial_number
+            wait_until(lambda: _cert(bed, rec).serial_number != before, 30, f"renewal {i + 1}")
+            cert = _cert(bed, rec)
+            serials.add(cert.serial_number)
+            signatures.add(cert.extensions.get_extension_for_oid(OID_CLIENT_AUTH).value.value)
+            key_ids.add(_fresh_connection_key_id(bed, rec["port"]))
+            data = secrets.token_hex(8)
+            assert bed.run(["sh", "-c", f"echo {data} > /mnt/supiam/renew-{i}"], timeout=60).rc == 0
+            assert (bed.export_dir / f"renew-{i}").read_text().strip() == data
+        assert len(serials) == 3 and len(signatures) == 3
+        assert len(key_ids) >= 2, "new TLS connections did not present the renewed certificates"
+        assert record_of(bed, "/mnt/supiam")["tunnel"]["pid"] == tunnel  # reloaded, never restarted
+        assert "tunnel reloaded" in sup.log()
+    finally:
+        umount(bed, "/mnt/supiam")
+        for i in range(3):
+            (bed.export_dir / f"renew-{i}").unlink(missing_ok=True)
+
+
+def test_revoked_task_credentials(configure, supervisors, clean_guest: Bed) -> None:
+    bed = clean_guest
+    configure(tls_cert_renewal_interval_sec=3)
+    rel_id = "sup-" + secrets.token_hex(6)
+    bed.task_credentials.grant(rel_id)
+    supervisors()
+    mount(bed, "/mnt/suptask", f"tls,iam,awscredsuri=/v2/credentials/{rel_id}")
+    try:
+        bed.task_credentials.revoke(rel_id)
+        view = wait_until(lambda: [v for v in status(bed) if v["mountpoint"] == "/mnt/suptask"
+                                   and v["state"] == "credentials-revoked"], 30, "credentials-revoked")
+        assert rel_id in view[0]["credential_source"]
+        start = bed.task_credentials.requests(rel_id)
+        time.sleep(60)  # the measurement window itself
+        made = bed.task_credentials.requests(rel_id) - start
+        assert made <= 5, f"{made} credential requests in a minute after revocation"
+        assert mounted(bed, "/mnt/suptask")  # still mounted: cleanup_wait has not passed
+    finally:
+        umount(bed, "/mnt/suptask")
+
+
+def test_umount_by_hand_reaps_and_frees_the_port(configure, supervisors, clean_guest: Bed) -> None:
+    bed = clean_guest
+    configure("port_range_lower_bound = 20300\nport_range_upper_bound = 20301\n", unmount_grace_period_sec=2)
+    sup = supervisors()
+    mount(bed, "/mnt/suphand", "tls")
+    rec = record_of(bed, "/mnt/suphand")
+    assert rec["port"] == 20300
+    umount(bed, "/mnt/suphand")
+    wait_until(lambda: not records(bed) and not tunnel_pids(bed), 20, "reaped")
+    assert bed.run(["test", "-e", rec["config_file"].rsplit("/", 1)[0]]).rc != 0  # its dir (cert, config) is gone
+    assert "reaped /mnt/suphand" in sup.log()
+    mount(bed, "/mnt/suphand", "tls")  # the only port in the range is free again
+    try:
+        assert record_of(bed, "/mnt/suphand")["port"] == 20300
+    finally:
+        umount(bed, "/mnt/suphand")
+        wait_until(lambda: not records(bed), 20, "reaped again")
+
+
+REFS_SCRIPT = """
+import logging, sys
+from efsplug.config import load_config
+from efsplug.supervisor.runner import Supervisor
+logging.basicConfig(level=logging.INFO, format="efsplug supervise: %(created).3f %(levelname)s %(message)s")
+def refs(mountpoint):
+    with open("/tmp/sup-refs") as f:
+        return int(f.read())
+Supervisor(load_config().config, references=refs).run_forever()
+"""
+
+
+def test_unreferenced_volume_unmounted_after_cleanup_wait(configure, supervisors, clean_guest: Bed) -> None:
+    bed = clean_guest
+    configure(cleanup_wait_sec=3)
+    bed.run(["sh", "-c", "echo 1 > /tmp/sup-refs"])
+    sup = supervisors([PYTHON, "-c", REFS_SCRIPT], log="/var/log/bed/efsplug-refs.log")
+    mount(bed, "/mnt/supvol", "tls")
+    try:
+        time.sleep(8)  # more than twice the cleanup wait, with a reference held
+        assert mounted(bed, "/mnt/supvol") and record_of(bed, "/mnt/supvol")
+        bed.run(["sh", "-c", "echo 0 > /tmp/sup-refs"])
+        gone = lambda: not mounted(bed, "/mnt/supvol") and not records(bed) and not tunnel_pids(bed)  # noqa: E731
+        deadline = time.monotonic() + 30
+        while not gone():
+            assert time.monotonic() < deadline, (
+                f"not unmounted and reaped: mounted={mounted(bed, '/mnt/supvol')} records={records(bed)} "
+                f"tunnels={tunnel_pids(bed)}\n{sup.log()}")
+            time.sleep(0.2)  # polling the guest with a deadline
+        assert "no Docker references" in sup.log()
+    finally:
+        if mounted(bed, "/mnt/supvol"):
+            umount(bed, "/mnt/supvol")
+        bed.run(["rm", "-f", "/tmp/sup-refs"])
+
+
+def test_supervisor_crash_and_restart(configure, supervisors, clean_guest: Bed) -> None:
+    bed = clean_guest
+    configure()
+    first = supervisors()
+    mount(bed, "/mnt/supcrash", "tls")
+    try:
+        rec = record_of(bed, "/mnt/supcrash")
+        first.kill(signal.SIGKILL)
+        # An orphan: a tunnel on a config under the state dir that no record owns.
+        orphan_conf = f"{STATE}/orphan/stunnel.conf"
+        text = bed.run(["cat", rec["config_file"]]).stdout.replace(f":{rec['port']}", ":20399")
+        bed.run(["mkdir", "-p", f"{STATE}/orphan"])
+        bed.guest.run(["tee", orphan_conf], input=text.encode(), check=True)
+        bed.guest.spawn([rec["tunnel"]["cmdline"][0], orphan_conf], log="/tmp/sup-orphan.log")
+        wait_until(lambda: len(tunnel_pids(bed)) == 2, 20, "orphan listening")
+        second = supervisors()
+        wait_until(lambda: tunnel_pids(bed) == [str(rec["tunnel"]["pid"])], 40, "orphan stopped")
+        assert "stopped orphan tunnel" in second.log()
+        assert record_of(bed, "/mnt/supcrash")["tunnel"] == rec["tunnel"]  # the live mount untouched
+        assert bed.run(["sh", "-c", "echo ok > /mnt/supcrash/crash"], timeout=60).rc == 0
+        bed.run(["kill", "-9", str(rec["tunnel"]["pid"])])  # and supervised again
+        wait_until(lambda: record_of(bed, "/mnt/supcrash")["tunnel"]["pid"] != rec["tunnel"]["pid"], 20, "restart")
+    finally:
+        umount(bed, "/mnt/supcrash")
+        (bed.export_dir / "crash").unlink(missing_ok=True)
+        bed.run(["rm", "-rf", f"{STATE}/orphan", "/tmp/sup-orphan.log"])
+
+
+def test_many_mount_cycles_leak_nothing(configure, supervisors, clean_guest: Bed) -> None:
+    bed = clean_guest
+    configure(unmount_grace_period_sec=0)
+    supervisors()
+    bed.run(["mkdir", "-p", "/mnt/supcycle"])
+    loop = ("for i in $(seq 200); do mount -t efs %s /mnt/supcycle -o tls || exit 1; "
+            "umount /mnt/supcycle || exit 2; done" % bed.fs_id)
+    res = bed.run(["sh", "-c", loop], timeout=1500)
+    assert res.rc == 0, res.stderr
+    wait_until(lambda: not tunnel_pids(bed) and not records(bed), 60, "everything reaped")
+    assert not mounted(bed, "/mnt/supcycle")
+    left = bed.run(["sh", "-c", f"find {STATE} -mindepth 1 | sort"]).stdout.split()
+    assert set(left) <= {f"{STATE}/privateKey.pem", f"{STATE}/supervisor.lock", f"{STATE}/ports"}, left
+    listening = bed.run(["sh", "-c", "cat /proc/net/tcp"]).stdout
+    ports = {int(line.split()[1].split(":")[1], 16) for line in listening.splitlines()[1:] if line.split()[3] == "0A"}
+    assert not {p for p in ports if 20049 <= p < 21049}, ports

@@ -18,12 +18,17 @@ from typing import Callable, List, Sequence
 
 from efsbed import procs
 from efsbed.bed import Bed
+from efsbed.docker import DOCKER, IMAGE, GuestDocker
+from efsbed.plugin_agent import GuestAgent
+
+DRIVER = "amazon-ecs-volume-plugin"
 
 
 class Transcript:
     def __init__(self) -> None:
         self.started = time.monotonic()
         self.failures: List[str] = []
+        self.cleanups: List[Callable[[], None]] = []  # run before the bed stops, newest first
 
     def step(self, title: str, action: Callable[[], str]) -> str:
         if self.failures:  # later steps would only describe the first failure again
@@ -75,7 +80,36 @@ def main() -> int:
     t.step(f"read it on the host, in the access point's export ({ap.root})",
            lambda: _read_back(ap.export_dir / "hello.txt"))
     t.step("umount", lambda: t.guest(bed, ["umount", mountpoint]))
+    ecs_task(t, bed)
     return _finish(t, bed)
+
+
+def ecs_task(t: Transcript, bed: Bed) -> None:
+    """What an unmodified ECS agent does for a task with efsVolumeConfiguration."""
+    print("\nECS: the agent as Docker volume plugin, driven by a real dockerd\n")
+    docker, agent = GuestDocker(bed.guest, bed.workdir), GuestAgent(bed)
+    t.cleanups += [docker.stop, agent.stop]
+    t.step("start dockerd in the guest and import a busybox image", lambda: _started(docker.start, "dockerd ready"))
+    t.step(f"start `efsplug agent` on /run/docker/plugins/{DRIVER}.sock", lambda: _started(agent.start, "serving"))
+    ap = bed.access_points[1]
+    task = "demo-task-0001"
+    bed.task_credentials.grant(task)
+    name = "ecs-demo-1-data-a1b2c3d4e5f6"
+    driver_opts = f"o=tls,iam,awscredsuri=/v2/credentials/{task},accesspoint={ap.id}"
+    t.step("docker volume create, with the driverOpts the ECS agent sends", lambda: t.guest(bed, [
+        DOCKER, "volume", "create", "-d", DRIVER, "-o", "type=efs", "-o", f"device={bed.fs_id}", "-o", driver_opts, name]))
+    t.step("a container writes to the volume", lambda: t.guest(bed, [
+        DOCKER, "run", "--rm", "--network", "none", "-v", f"{name}:/data:nocopy", IMAGE,
+        "sh", "-c", "echo 'hello from a container' > /data/container.txt"], timeout=180))
+    t.step(f"read it on the host, in the access point's export ({ap.root})",
+           lambda: _read_back(ap.export_dir / "container.txt", "hello from a container\n"))
+    t.step("the agent's log: one line per request", lambda: "\n".join(agent.log().splitlines()[-6:]))
+    t.step("docker volume rm", lambda: t.guest(bed, [DOCKER, "volume", "rm", name]))
+
+
+def _started(start: Callable[[], object], what: str) -> str:
+    start()
+    return what
 
 
 def _start(bed: Bed) -> str:
@@ -91,15 +125,20 @@ def _last_connection(bed: Bed) -> str:
     return f"accepted: access key {event['access_key_id']}, access point {event['access_point']}"
 
 
-def _read_back(path: Path) -> str:
+def _read_back(path: Path, expected: str = "hello from the kernel guest\n") -> str:
     text = path.read_text()
-    if text != "hello from the kernel guest\n":
+    if text != expected:
         raise RuntimeError(f"{path} holds {text!r}")
     return f"{path}: {text.strip()}"
 
 
 def _finish(t: Transcript, bed: Bed) -> int:
     failures, t.failures = t.failures, []  # stopping runs whatever happened before
+    for cleanup in reversed(t.cleanups):
+        try:
+            cleanup()
+        except Exception as exc:  # still stop the bed; say what did not stop cleanly
+            print(f"[warn] cleanup {getattr(cleanup, '__qualname__', cleanup)}: {exc}")
     t.step("stop everything the demo started", lambda: _stop(bed))
     t.failures = failures + t.failures
     total = time.monotonic() - t.started

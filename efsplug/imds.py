@@ -14,6 +14,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import socket
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Dict, Mapping, Optional, Tuple
@@ -21,6 +22,10 @@ from urllib.parse import urlsplit
 
 DEFAULT_ENDPOINT = "http://169.254.169.254"
 TOKEN_TTL_SECONDS = 21600
+# IMDS answers in milliseconds, but a loaded host (20 mounts starting at once) can take
+# longer than botocore's 1 s to get to it: allow 2 s, and one more try after a timeout.
+TIMEOUT_SECONDS = 2.0
+ATTEMPTS = 2
 ROLE_PATH = "latest/meta-data/iam/security-credentials/"
 
 
@@ -42,7 +47,8 @@ class RoleCredentials:
 @dataclass
 class InstanceMetadata:
     endpoint: str = DEFAULT_ENDPOINT
-    timeout: float = 1.0
+    timeout: float = TIMEOUT_SECONDS
+    attempts: int = ATTEMPTS
     disabled: bool = False
     _token: Optional[str] = field(default=None, repr=False)
     _cache: Dict[str, str] = field(default_factory=dict, repr=False)
@@ -119,7 +125,13 @@ class InstanceMetadata:
         return self._token or None
 
     def _request(self, method: str, path: str, headers: Mapping[str, str]) -> Tuple[int, str]:
-        return http_request(method, f"{self.endpoint}/{path}", headers, self.timeout)
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return http_request(method, f"{self.endpoint}/{path}", headers, self.timeout)
+            except (TimeoutError, socket.timeout):
+                if attempt == self.attempts:
+                    raise
+        raise AssertionError("unreachable")
 
 
 def http_request(method: str, url: str, headers: Mapping[str, str], timeout: float) -> Tuple[int, str]:

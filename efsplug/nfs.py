@@ -33,7 +33,7 @@ _POLL_MAX = 0.1
 _LOG_TAIL_BYTES = 64 * 1024
 
 _CLOSED = re.compile(r"Connection [a-z/]+: (\d+) byte\(s\) sent to TLS, (\d+) byte\(s\) sent to socket")
-_CONNECT_FAILED = re.compile(r"s_connect: connect\S* (.+)")
+_CONNECT_FAILED = re.compile(r"s_connect: connect (\S+: .+)")  # not "s_connect: connected <ip>"
 _CERT_PROBLEM = re.compile(r"(CERT: .*|Rejected by CERT.*|certificate verify failed.*)")
 _TLS_ALERT = re.compile(r"SSL_connect: .*?:([^:]+)$")
 

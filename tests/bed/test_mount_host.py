@@ -374,6 +374,13 @@ def test_tunnel_log_diagnosis(case: str) -> None:
     assert expected in (tunnel_diagnosis(verdict, mount) or "")
 
 
+def test_tunnel_log_of_a_good_connection_names_no_cause() -> None:
+    """A connection still open (no close line yet) says nothing; "connected" is not a connect error."""
+    verdict = read_tunnel_log(REFUSED_LOG.rsplit("LOG5[0]: Connection closed", 1)[0])
+    assert verdict == type(verdict)()
+    assert tunnel_diagnosis(verdict, NfsMount("127.0.0.1:/", "/mnt/x", "")) is None
+
+
 def test_tunnel_log_with_answers_is_not_a_refusal() -> None:
     text = REFUSED_LOG * 20 + "LOG5[9]: Connection closed: 4320 byte(s) sent to TLS, 4904 byte(s) sent to socket\n"
     verdict = read_tunnel_log(text)

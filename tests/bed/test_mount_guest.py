@@ -1,0 +1,188 @@
+"""`mount -t efs` typed as an operator would, in the real kernel guest, against the whole bed.
+
+Every mount here is verified end to end: a file written in the guest must appear in the
+right export directory on the host, and for IAM mounts the endpoint must have seen the
+expected access key id and access point. Each test unmounts what it mounted; the
+`clean_guest` fixture fails it otherwise and removes tunnels and state afterwards.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import pytest
+
+from efsbed.bed import Bed
+from efsbed.guestmount import (
+    accepted_as, guest_config, guest_file, mount, mount_of, new_connections, profile_text,
+    record_for, records, sh, write_and_find,
+)
+
+pytestmark = pytest.mark.guest
+
+
+# --- data paths -----------------------------------------------------------------------------
+
+def test_plain_nfs_without_options(bed: Bed, clean_guest: Bed) -> None:
+    before = len(bed.endpoint.connection_events())
+    with mount_of(bed, "/mnt/plain", ""):
+        write_and_find(bed, "/mnt/plain", bed.export_dir)
+        line = next(l for l in bed.run(["cat", "/proc/mounts"]).stdout.splitlines() if " /mnt/plain " in l)
+        assert line.startswith(f"{bed.dns_name}:/ ") and "port=" not in line  # straight to the mount target
+    assert records(bed) == []  # no tunnel, nothing for the supervisor
+    accepted_as(bed, before, key=None, access_point=None, transport="plain")
+
+
+def test_plain_nfs_refused_when_iam_is_required(bed: Bed, clean_guest: Bed) -> None:
+    """The mount target answers the client's calls with AUTH_ERROR, as EFS does: access denied."""
+    bed.endpoint.reconfigure(iam_required=True)
+    try:
+        before = len(bed.endpoint.connection_events())
+        res = mount(bed, "/mnt/plain")
+    finally:
+        bed.endpoint.reconfigure(iam_required=False)
+    assert res.rc == 32
+    assert res.stderr.splitlines() == [
+        f"mount.efs: mount.nfs4 failed: mount.nfs4: access denied by server while mounting {bed.dns_name}:/; the "
+        "file system policy may require IAM authorization (mount with -o tls,iam); also check that the path exists "
+        "on the file system"]
+    reasons = {e["reason"] for e in new_connections(bed, before)}
+    assert reasons == {"plain NFS refused: IAM authorization required"}
+
+
+def test_tls(bed: Bed, clean_guest: Bed) -> None:
+    before = len(bed.endpoint.connection_events())
+    with mount_of(bed, "/mnt/tls", "tls"):
+        write_and_find(bed, "/mnt/tls", bed.export_dir)
+        record = record_for(bed, "/mnt/tls")
+        assert (record["tls"], record["iam"], record["access_point"]) == (True, False, None)
+        assert f"port={record['port']}" in sh(bed, "grep ' /mnt/tls ' /proc/mounts").stdout
+    accepted_as(bed, before, key=None, access_point=None)
+
+
+def test_tls_iam_with_a_profile(bed: Bed, clean_guest: Bed) -> None:
+    c = bed.credentials.issue("guest-profile")
+    before = len(bed.endpoint.connection_events())
+    with guest_file(bed, "/root/.aws/credentials", profile_text(c, name="efs-team")):
+        with mount_of(bed, "/mnt/profile", "tls,iam,awsprofile=efs-team"):
+            write_and_find(bed, "/mnt/profile", bed.export_dir)
+            assert record_for(bed, "/mnt/profile")["credential_source"] == "profile:efs-team"
+    accepted_as(bed, before, key=c.access_key_id, access_point=None)
+
+
+def test_tls_iam_with_awscredsuri(bed: Bed, clean_guest: Bed) -> None:
+    rel = "task-" + secrets.token_hex(4)
+    c = bed.task_credentials.grant(rel)
+    uri = bed.task_credentials.path_of(rel)
+    before = len(bed.endpoint.connection_events())
+    try:
+        with mount_of(bed, "/mnt/task", f"tls,iam,awscredsuri={uri}"):
+            write_and_find(bed, "/mnt/task", bed.export_dir)
+            record = record_for(bed, "/mnt/task")
+            assert record["credential_source"] == f"awscredsuri:{uri}"
+            assert record["credential_expiry"] == c.expiry.isoformat()
+    finally:
+        bed.task_credentials.revoke(rel)
+    accepted_as(bed, before, key=c.access_key_id, access_point=None)
+    assert bed.task_credentials.requests(rel) >= 1
+
+
+def test_tls_iam_with_the_instance_role(bed: Bed, clean_guest: Bed) -> None:
+    bed.run(["rm", "-rf", "/root/.aws"])  # nothing earlier in the chain
+    before = len(bed.endpoint.connection_events())
+    with mount_of(bed, "/mnt/role", "tls,iam"):
+        write_and_find(bed, "/mnt/role", bed.export_dir)
+        assert record_for(bed, "/mnt/role")["credential_source"] == "instance"
+    accepted_as(bed, before, key=bed.imds.role_credentials.access_key_id, access_point=None)
+
+
+def test_access_points_are_separate_roots(bed: Bed, clean_guest: Bed) -> None:
+    a, b = bed.access_points[:2]
+    role_key = bed.imds.role_credentials.access_key_id
+    before = len(bed.endpoint.connection_events())
+    with mount_of(bed, "/mnt/ap-a", f"tls,iam,accesspoint={a.id}"):
+        accepted_as(bed, before, key=role_key, access_point=a.id)
+        before_b = len(bed.endpoint.connection_events())
+        with mount_of(bed, "/mnt/ap-b", f"tls,iam,accesspoint={b.id}"):
+            accepted_as(bed, before_b, key=role_key, access_point=b.id)
+            in_a = write_and_find(bed, "/mnt/ap-a", a.export_dir)
+            in_b = write_and_find(bed, "/mnt/ap-b", b.export_dir)
+            listing_a = sh(bed, "ls -a /mnt/ap-a").stdout.split()
+            listing_b = sh(bed, "ls -a /mnt/ap-b").stdout.split()
+            assert in_a in listing_a and in_b not in listing_a
+            assert in_b in listing_b and in_a not in listing_b
+            assert not (bed.export_dir / in_a).exists()  # the root export does not get it either
+            assert record_for(bed, "/mnt/ap-b")["access_point"] == b.id
+
+
+def test_accesspoint_without_iam(bed: Bed, clean_guest: Bed) -> None:
+    """An access point alone travels in a certificate with no IAM block."""
+    ap = bed.access_points[0]
+    before = len(bed.endpoint.connection_events())
+    with mount_of(bed, "/mnt/ap-only", f"tls,accesspoint={ap.id}"):
+        write_and_find(bed, "/mnt/ap-only", ap.export_dir)
+    accepted_as(bed, before, key=None, access_point=ap.id)
+
+
+# --- how the mount is asked for ---------------------------------------------------------------
+
+def test_subdirectory(bed: Bed, clean_guest: Bed) -> None:
+    sub = bed.export_dir / "projects" / "one"
+    sub.mkdir(parents=True, exist_ok=True)
+    with mount_of(bed, "/mnt/sub", "tls", device=f"{bed.fs_id}:/projects/one"):
+        write_and_find(bed, "/mnt/sub", sub)
+        assert record_for(bed, "/mnt/sub")["path"] == "/projects/one"
+
+
+def test_fstab_line(bed: Bed, clean_guest: Bed) -> None:
+    original = bed.run(["cat", "/etc/fstab"]).stdout
+    line = f"{bed.fs_id}:/ /mnt/fstab efs _netdev,tls,iam 0 0\n"
+    bed.run(["mkdir", "-p", "/mnt/fstab"])
+    bed.guest.run(["tee", "/etc/fstab"], input=(original + line).encode(), check=True)
+    try:
+        res = bed.run(["mount", "/mnt/fstab"], timeout=90)
+        assert (res.rc, res.stderr) == (0, ""), res
+        try:
+            write_and_find(bed, "/mnt/fstab", bed.export_dir)
+            assert "_netdev" not in record_for(bed, "/mnt/fstab").get("config_file", "")
+            assert "_netdev" not in sh(bed, "grep ' /mnt/fstab ' /proc/mounts").stdout
+        finally:
+            assert bed.run(["umount", "/mnt/fstab"], timeout=60).rc == 0
+    finally:
+        bed.guest.run(["tee", "/etc/fstab"], input=original.encode(), check=True)
+
+
+def test_mounttargetip(bed: Bed, clean_guest: Bed) -> None:
+    ip = bed.seeded.mount_target_ip
+    with mount_of(bed, "/mnt/ip", f"tls,mounttargetip={ip}"):
+        write_and_find(bed, "/mnt/ip", bed.export_dir)
+        conf = bed.run(["cat", record_for(bed, "/mnt/ip")["config_file"]]).stdout
+        assert f"connect = {ip}:2049" in conf and f"checkHost = {bed.dns_name}" in conf
+
+
+NO_DNS_FORMAT = "dns_name_format = nodns.{fs_id}.efs.{region}.{dns_name_suffix}\n"
+
+
+def test_describe_mount_targets_fallback(bed: Bed, clean_guest: Bed) -> None:
+    """The name does not resolve (no hosts entry, no DNS): the EFS API names the target's IP.
+
+    The API call is signed with the instance role's credentials (botocore's chain, IMDS).
+    """
+    env = {"AWS_ENDPOINT_URL_EFS": f"http://10.0.2.2:{bed.moto.port}"}
+    with guest_config(bed, NO_DNS_FORMAT):
+        assert bed.run(["getent", "hosts", f"nodns.{bed.dns_name}"]).rc == 2
+        with mount_of(bed, "/mnt/fallback", "tls", env=env):
+            write_and_find(bed, "/mnt/fallback", bed.export_dir)
+            conf = bed.run(["cat", record_for(bed, "/mnt/fallback")["config_file"]]).stdout
+            assert f"connect = {bed.seeded.mount_target_ip}:2049" in conf
+            assert f"checkHost = nodns.{bed.dns_name}" in conf  # covered by the server's wildcard
+
+
+def test_unresolvable_name_without_fallback(bed: Bed, clean_guest: Bed) -> None:
+    with guest_config(bed, NO_DNS_FORMAT + "fall_back_to_mount_target_ip_address_enabled = false\n"):
+        res = mount(bed, "/mnt/fallback", "tls")
+    assert res.rc == 32
+    assert res.stderr.splitlines() == [
+        f"mount.efs: cannot resolve nodns.{bed.dns_name}; check that {bed.fs_id} exists in {bed.region}, that the "
+        "VPC has DNS resolution enabled, or pass mounttargetip=<ip> (the IP fallback is disabled in efs-utils.conf)"]
+    assert records(bed) == []

@@ -1,0 +1,172 @@
+"""`mount -t efs` in the guest when it must fail, when 20 start at once, and inside a netns.
+
+A refused mount must say why in one line (exit 32) and leave nothing behind: no stunnel,
+no state record or per-mount directory (the shared key and the ports lock directory
+may stay), no held port lock, no mount.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Iterator
+
+import pytest
+
+from efsbed import iam
+from efsbed.bed import Bed
+from efsbed.guestmount import (
+    NOTHING_LEFT, guest_file, kernel_mounts, leftovers, mount, mount_of, new_connections, profile_text, record_for,
+    records, sh, write_and_find,
+)
+
+pytestmark = pytest.mark.guest
+
+
+def refused_in_one_line(res, *parts: str) -> str:
+    assert res.rc == 32, res
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mount.efs: "), res.stderr
+    for part in parts:
+        assert part in lines[0], lines[0]
+    return lines[0]
+
+
+# --- wrong credentials ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["wrong-secret", "revoked-key"])
+def test_refused_identity_leaves_nothing(bed: Bed, clean_guest: Bed, case: str) -> None:
+    c = bed.credentials.issue(f"guest-{case}")
+    text = profile_text(c, secret="x" * 40) if case == "wrong-secret" else profile_text(c)
+    if case == "revoked-key":
+        bed.credentials.revoke(c.access_key_id)
+    before = len(bed.endpoint.connection_events())
+    with guest_file(bed, "/root/.aws/credentials", text):
+        res = mount(bed, "/mnt/refused", "tls,iam")
+    line = refused_in_one_line(
+        res, "access denied by server",
+        f"the server refused IAM identity profile:default (access key {c.access_key_id}); check that the "
+        "credentials are valid and current")
+    assert c.secret_access_key not in line and (c.session_token or "") not in line
+    assert leftovers(bed) == NOTHING_LEFT
+    expected = iam.SIGNATURE_MISMATCH if case == "wrong-secret" else iam.REVOKED_KEY
+    events = new_connections(bed, before)
+    assert events and {(e["event"], e["reason"], e["access_key_id"]) for e in events} == {
+        ("refused", expected, c.access_key_id)}
+
+
+def test_refused_identity_with_access_point_is_retried_then_reported(bed: Bed, clean_guest: Bed) -> None:
+    """EFS may take a moment to apply a policy change: 'access denied' with an access point is retried."""
+    c = bed.credentials.issue("guest-ap-revoked")
+    bed.credentials.revoke(c.access_key_id)
+    ap = bed.access_points[0]
+    before = len(bed.endpoint.connection_events())
+    with guest_file(bed, "/root/.aws/credentials", profile_text(c)):
+        res = mount(bed, "/mnt/refused", f"tls,iam,accesspoint={ap.id}")
+    refused_in_one_line(res, "access denied by server", f"to mount access point {ap.id}")
+    refusals = [e for e in new_connections(bed, before) if e["event"] == "refused"]
+    assert len(refusals) >= 3 and {e["access_point"] for e in refusals} == {ap.id}  # 3 attempts (config default)
+    assert leftovers(bed) == NOTHING_LEFT
+
+
+def test_awscredsuri_revoked_before_the_mount(bed: Bed, clean_guest: Bed) -> None:
+    rel = "stopped-" + secrets.token_hex(4)
+    c = bed.task_credentials.grant(rel)
+    bed.task_credentials.revoke(rel)
+    uri = bed.task_credentials.path_of(rel)
+    before = len(bed.endpoint.connection_events())
+    res = mount(bed, "/mnt/refused", f"tls,iam,awscredsuri={uri}")
+    assert res.stderr.splitlines() == [
+        f"mount.efs: awscredsuri {uri} answered HTTP 400; the task's credentials are gone (task stopped?) or the "
+        "URI is wrong"]
+    assert res.rc == 32 and c.access_key_id not in res.stderr
+    assert new_connections(bed, before) == []  # nothing was sent to the mount target
+    assert leftovers(bed) == NOTHING_LEFT
+
+
+# --- many at once ------------------------------------------------------------------------------
+
+def test_twenty_mounts_started_together(bed: Bed, clean_guest: Bed) -> None:
+    """20 `mount -t efs` at the same moment: 20 distinct tunnel ports, all mounted."""
+    n = 20
+    script = (
+        f"rm -f /var/run/efs/privateKey.pem; for i in $(seq {n}); do mkdir -p /mnt/par$i; done; "
+        f"for i in $(seq {n}); do (mount -t efs {bed.fs_id} /mnt/par$i -o tls,iam > /tmp/par$i.log 2>&1; "
+        "echo \"$i $?\" >> /tmp/par.rc) & done; wait; cat /tmp/par.rc; cat /tmp/par*.log; rm -f /tmp/par*"
+    )
+    res = sh(bed, script, timeout=300)
+    try:
+        assert sorted(res.stdout.split("\n")[:n]) == sorted(f"{i} 0" for i in range(1, n + 1)), res.stdout
+        mountpoints = {f"/mnt/par{i}" for i in range(1, n + 1)}
+        assert mountpoints <= set(kernel_mounts(bed))
+        ours = [r for r in records(bed) if r["mountpoint"] in mountpoints]
+        assert len(ours) == n and len({r["port"] for r in ours}) == n
+        assert len({r["tunnel"]["pid"] for r in ours}) == n
+        write_and_find(bed, "/mnt/par7", bed.export_dir)
+    finally:
+        for i in range(1, n + 1):
+            bed.run(["umount", f"/mnt/par{i}"], timeout=60)
+        for r in records(bed):
+            bed.run(["kill", str(r["tunnel"]["pid"])])
+            # The record is named like its per-mount directory, plus .json.
+            bed.run(["rm", "-rf", *r["files_created"], r["files_created"][0] + ".json"])
+    assert leftovers(bed) == NOTHING_LEFT
+
+
+# --- a network namespace -------------------------------------------------------------------------
+
+NS = "efst1"
+
+
+@pytest.fixture
+def netns(bed: Bed) -> Iterator[str]:
+    """Namespace efst1 joined to the root namespace by a veth pair (TEST-NET-2 addresses, guest-only).
+
+    The guest's DNAT rules live in the root namespace's OUTPUT chain; traffic from efst1
+    arrives through PREROUTING/FORWARD, so this adds the mount target's DNAT there, lets
+    exactly that forwarded flow out of eth0 (to the host, 10.0.2.2, the endpoint's port)
+    and masquerades it. The FORWARD drop for everything else stays in place.
+    """
+    mt, port = bed.seeded.mount_target_ip, bed.endpoint.port
+    rules = [
+        ["-t", "nat", "PREROUTING", "-i", "efsh0", "-d", f"{mt}/32", "-p", "tcp", "--dport", "2049",
+         "-j", "DNAT", "--to-destination", f"10.0.2.2:{port}"],
+        ["-t", "nat", "POSTROUTING", "-s", "198.51.100.0/30", "-o", "eth0", "-j", "MASQUERADE"],
+        ["-t", "filter", "FORWARD", "-i", "efsh0", "-o", "eth0", "-d", "10.0.2.2/32", "-p", "tcp",
+         "--dport", str(port), "-j", "ACCEPT"],
+    ]
+    setup = (
+        f"set -e; ip netns add {NS}; ip link add efsh0 type veth peer name efst0; ip link set efst0 netns {NS}; "
+        "ip addr add 198.51.100.1/30 dev efsh0; ip link set efsh0 up; "
+        f"ip netns exec {NS} ip addr add 198.51.100.2/30 dev efst0; ip netns exec {NS} ip link set efst0 up; "
+        f"ip netns exec {NS} ip link set lo up; ip netns exec {NS} ip route add default via 198.51.100.1; "
+        "sysctl -q -w net.ipv4.ip_forward=1; "
+        + "".join(f"iptables-legacy -t {r[1]} -I {r[2]} 1 {' '.join(r[3:])}; " for r in rules)
+    )
+    try:
+        res = sh(bed, setup)
+        assert res.rc == 0, res
+        yield f"/var/run/netns/{NS}"
+    finally:
+        teardown = "".join(f"iptables-legacy -t {r[1]} -D {r[2]} {' '.join(r[3:])}; " for r in rules)
+        sh(bed, teardown + f"sysctl -q -w net.ipv4.ip_forward=0; ip netns del {NS}; ip link del efsh0 2>/dev/null; true")
+
+
+def test_tunnel_and_mount_live_in_the_namespace(bed: Bed, clean_guest: Bed, netns: str) -> None:
+    with mount_of(bed, "/mnt/ns", f"tls,netns={netns}"):
+        record = record_for(bed, "/mnt/ns")
+        pid, port = record["tunnel"]["pid"], record["port"]
+        assert record["netns"] == netns
+        assert f":{port} " in sh(bed, f"ip netns exec {NS} ss -ltn").stdout
+        assert f":{port} " not in sh(bed, "ss -ltn").stdout
+        inode = sh(bed, f"stat -L -c %i {netns} /proc/{pid}/ns/net /proc/self/ns/net").stdout.split()
+        assert inode[0] == inode[1] != inode[2]
+        write_and_find(bed, "/mnt/ns", bed.export_dir)
+
+
+def test_namespace_stays_fail_closed(bed: Bed, clean_guest: Bed, netns: str) -> None:
+    """From the namespace only the forwarded mount target flow leaves: other addresses and ports do not."""
+    probe = ("import socket,sys\ntry:\n    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)\n"
+             "    print('connected')\nexcept OSError as e:\n    print(type(e).__name__)\n")
+    for host, port in (("192.0.2.99", 80), ("10.0.2.2", bed.moto.port)):
+        res = bed.run(["ip", "netns", "exec", NS, "python3", "-c", probe, host, str(port)], timeout=30)
+        assert res.stdout.strip() in ("TimeoutError", "ConnectionRefusedError", "OSError"), (host, res)

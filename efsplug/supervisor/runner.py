@@ -16,6 +16,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import math
 import os
 import queue
 import select
@@ -40,8 +41,8 @@ from efsplug.supervisor import tunnels
 from efsplug.supervisor.cleanup import cleanup_wait
 from efsplug.supervisor.lock import SupervisorLock
 from efsplug.supervisor.renew import RenewalError, renew_certificate
-from efsplug.supervisor.statusfile import MountStatus, write_status
-from efsplug.tunnel import Tunnel, TunnelError, listening_on
+from efsplug.supervisor.statusfile import STATUS_FILE, MountStatus, write_status
+from efsplug.tunnel import Tunnel, TunnelError
 from efsplug.unmount import mount_dir, release, unmount_efs
 
 log = logging.getLogger("efsplug.supervisor")
@@ -101,6 +102,9 @@ class Supervisor:
         os.set_blocking(self._wake_w, False)
         self._thread: Optional[threading.Thread] = None
         self._executor: Optional[ThreadPoolExecutor] = None
+        # Wedge probes share /proc reads for a while; health checks are minutes apart anyway.
+        health = self.policy.health_interval or 300.0
+        self._probe = tunnels.ListenProbe(ttl=max(float(config.watchdog.poll_interval_sec), health / 30.0))
 
     # --- public API ----------------------------------------------------------------------
     def start(self) -> None:
@@ -209,6 +213,8 @@ class Supervisor:
     def _take_notified(self, dirty: Set[str]) -> None:
         with self._notify_lock:
             points, self._notified = self._notified, set()
+        if not points:
+            return
         for e in self._entries.values():
             if os.path.normpath(e.record.mountpoint) in points:
                 dirty.add(e.key)
@@ -225,6 +231,11 @@ class Supervisor:
             self._scan_orphans(now)
 
     def _schedule(self, e: _Entry, when: Optional[float]) -> None:
+        if when is not None:
+            # Coalesce timers on the poll-interval grid: what falls due within one interval
+            # is handled in one wake-up, sharing its reads of /proc.
+            grid = float(self.config.watchdog.poll_interval_sec)
+            when = math.ceil(when / grid) * grid
         e.wake_at = when
         if when is not None:
             heapq.heappush(self._timers, (when, next(self._seq), e.key))
@@ -259,6 +270,8 @@ class Supervisor:
                 continue
             spread = (zlib.crc32(key.encode()) % 1000) / 1000.0 * (self.policy.health_interval or 0.0)
             e = _Entry(key, record, d.Tracking(next_health=now + spread if self.policy.health_interval else None))
+            if not (mount_dir(record, self.state_dir) / STATUS_FILE).exists():
+                e.shown = (d.OK, "")  # nothing to correct: an "ok" mount needs no status file
             self._entries[key] = e
             self._watch_tunnel(e)
             dirty.add(key)
@@ -292,7 +305,7 @@ class Supervisor:
         listening = None
         probe_due = t.next_health is None or now >= t.next_health
         if self.policy.health_interval is not None and e.alive and r.port and r.tunnel and probe_due:
-            listening = listening_on(r.tunnel.pid, r.port)
+            listening = self._probe.listening(r.tunnel.pid, r.port)
         refs: Optional[int] = None
         if self._references is not None:
             try:

@@ -13,7 +13,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 import psutil
 
@@ -177,3 +177,71 @@ def pidfds_close(fds: Dict[str, int]) -> None:
         except OSError:
             pass
     fds.clear()
+
+
+class ListenProbe:
+    """"Does this tunnel listen on its port?" for many tunnels, cheaply.
+
+    /proc/<pid>/net/tcp lists every socket of the tunnel's network namespace, so with N
+    tunnels in one namespace, probing each separately costs O(N) per tunnel. Tables read
+    here are reused for `ttl` seconds for positive answers; a negative answer is always
+    confirmed with a fresh read, so a stale table can never get a healthy tunnel restarted.
+    """
+
+    def __init__(self, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl, self._clock = ttl, clock
+        self._tables: Dict[int, Tuple[float, Dict[int, Set[str]]]] = {}
+        self._sockets: Dict[int, Tuple[float, Set[str]]] = {}
+
+    def listening(self, pid: int, port: int) -> bool:
+        try:
+            namespace = os.stat(f"/proc/{pid}/ns/net").st_ino
+        except OSError:
+            return False
+        return self._check(pid, port, namespace, fresh=False) or self._check(pid, port, namespace, fresh=True)
+
+    def _check(self, pid: int, port: int, namespace: int, *, fresh: bool) -> bool:
+        now = self._clock()
+        cached = self._tables.get(namespace)
+        if fresh or cached is None or now - cached[0] > self.ttl:
+            cached = self._tables[namespace] = (now, _loopback_listeners(pid))
+        candidates = cached[1].get(port)
+        if not candidates:
+            return False
+        sockets = self._sockets.get(pid)
+        if fresh or sockets is None or now - sockets[0] > self.ttl:
+            sockets = self._sockets[pid] = (now, _socket_inodes(pid))
+        if len(self._sockets) > 4096:  # pids of long-gone tunnels
+            self._sockets = {pid: sockets}
+        return bool(candidates & sockets[1])
+
+
+def _loopback_listeners(pid: int) -> Dict[int, Set[str]]:
+    """port -> socket inodes listening on 127.0.0.1:port in pid's network namespace."""
+    found: Dict[int, Set[str]] = {}
+    try:
+        with open(f"/proc/{pid}/net/tcp") as f:
+            next(f, None)
+            for line in f:
+                cols = line.split()
+                if len(cols) > 9 and cols[3] == "0A" and cols[1].startswith("0100007F:"):
+                    found.setdefault(int(cols[1][9:], 16), set()).add(cols[9])
+    except OSError:
+        pass
+    return found
+
+
+def _socket_inodes(pid: int) -> Set[str]:
+    inodes = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return inodes
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    return inodes

@@ -20,12 +20,10 @@ import math
 import os
 import queue
 import select
-import shutil
 import threading
 import time
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Set, Tuple
@@ -35,36 +33,21 @@ from efsplug.config import Config
 from efsplug.fsutil import is_temp_name
 from efsplug.mounttable import MOUNTINFO, KernelMount, MountTableWatch, ports_in_use, read_mounts
 from efsplug.netns import netns_path
-from efsplug.state import MountRecord, StateError
+from efsplug.state import StateError
 from efsplug.supervisor import decisions as d
 from efsplug.supervisor import tunnels
+from efsplug.supervisor.actions import ActionsMixin, Entry as _Entry
 from efsplug.supervisor.cleanup import cleanup_wait
 from efsplug.supervisor.lock import SupervisorLock
-from efsplug.supervisor.renew import RenewalError, renew_certificate
 from efsplug.supervisor.statusfile import STATUS_FILE, MountStatus, write_status
-from efsplug.tunnel import Tunnel, TunnelError
-from efsplug.unmount import mount_dir, release, unmount_efs
+from efsplug.unmount import mount_dir
 
 log = logging.getLogger("efsplug.supervisor")
 References = Callable[[str], Optional[int]]
-STUNNEL_NAMES = ("stunnel", "stunnel5", "stunnel4")  # as efsplug.mount looks for it
 ORPHAN_MIN_AGE = 10.0  # mount.efs saves the record right after its tunnel listens
-ORPHAN_SCAN_INTERVAL = 300.0
 
 
-@dataclass
-class _Entry:
-    key: str
-    record: MountRecord
-    tracking: d.Tracking
-    alive: bool = False
-    pidfd: Optional[int] = None
-    wake_at: Optional[float] = None
-    busy: Set[str] = field(default_factory=set)
-    shown: Tuple[str, str] = ("", "")
-
-
-class Supervisor:
+class Supervisor(ActionsMixin):
     def __init__(
         self,
         config: Config,
@@ -359,115 +342,12 @@ class Supervisor:
         since = datetime.now(timezone.utc).isoformat(timespec="seconds")
         write_status(mount_dir(e.record, self.state_dir), MountStatus(shown[0], shown[1], since, os.getpid()))
 
-    def _do_restart_tunnel(self, e: _Entry, action: d.Action) -> None:
-        now = self._clock()
-        old = Tunnel.from_identity(e.record.tunnel) if e.record.tunnel else None
-        try:
-            if old is not None:  # alive but wedged: its pidfd must not count this as a death
-                self._watch_tunnel_off(e)
-                old.stop()
-            identity, _popen = tunnels.start_tunnel(e.record, self.state_dir, self._stunnel_binary())
-        except (TunnelError, OSError) as exc:
-            e.tracking = d.after_restart(e.tracking, False, now, self.policy)
-            log.error("cannot restart the tunnel of %s on port %s (%s): %s; retrying",
-                      e.record.mountpoint, e.record.port, action.reason, exc)
-            return
-        e.record = replace(e.record, tunnel=identity)
-        state.save(self.state_dir, e.record)
-        self._watch_tunnel(e)
-        e.tracking = d.after_restart(e.tracking, True, now, self.policy)
-        log.warning("restarted the tunnel of %s on port %s (pid %d): %s",
-                    e.record.mountpoint, e.record.port, identity.pid, action.reason)
-
-    def _stunnel_binary(self) -> str:
-        for name in ([self.config.efsplug.stunnel] if self.config.efsplug.stunnel else STUNNEL_NAMES):
-            found = shutil.which(name)
-            if found:
-                return found
-        return "stunnel"
-
     def _watch_tunnel_off(self, e: _Entry) -> None:
         if e.pidfd is not None:
             self._epoll.unregister(e.pidfd)
             self._by_fd.pop(e.pidfd, None)
             os.close(e.pidfd)
             e.pidfd, e.alive = None, False
-
-    def _do_renew_certificate(self, e: _Entry, action: d.Action) -> None:
-        if d.RENEW_CERT in e.busy:
-            return
-        e.busy.add(d.RENEW_CERT)
-        record, key = e.record, e.key
-        job = self._submit(lambda: renew_certificate(record, state_dir=self.state_dir, config=self.config,
-                                                     now=datetime.now(timezone.utc), environ=self._environ))
-        job.add_done_callback(lambda fut: self._post(lambda: self._renewed(key, fut)))
-
-    def _renewed(self, key: str, fut: "Future") -> None:
-        e = self._entries.get(key)
-        if e is None:
-            return
-        e.busy.discard(d.RENEW_CERT)
-        now = self._clock()
-        try:
-            renewed = fut.result()
-        except RenewalError as exc:
-            first = e.tracking.revoked_since is None and e.tracking.renew_failures == 0
-            e.tracking = d.after_renewal(e.tracking, False, now, self.policy, revoked=exc.revoked)
-            if first:  # logged once; the back-off keeps the source from being hammered
-                log.warning("cannot renew the certificate of %s: %s; retrying with back-off", e.record.mountpoint, exc)
-        except Exception:
-            log.exception("renewing the certificate of %s failed", e.record.mountpoint)
-            e.tracking = d.after_renewal(e.tracking, False, now, self.policy, revoked=False)
-        else:
-            if e.tracking.revoked_since is not None:
-                log.info("credentials of %s are back", e.record.mountpoint)
-            e.tracking = d.after_renewal(e.tracking, True, now, self.policy)
-            e.record = replace(e.record, cert_not_before=renewed.cert_not_before, cert_not_after=renewed.cert_not_after,
-                               credential_expiry=renewed.credential_expiry)
-            if (self.state_dir / key).exists():
-                state.save(self.state_dir, e.record)
-            log.info("renewed the certificate of %s (serial %x, valid until %s, tunnel %s)", e.record.mountpoint,
-                     renewed.serial, renewed.cert_not_after.isoformat(), "reloaded" if renewed.reloaded else "not running")
-        self._evaluate(e)
-
-    def _do_unmount(self, e: _Entry, action: d.Action) -> None:
-        if d.UNMOUNT in e.busy:
-            return
-        e.busy.add(d.UNMOUNT)
-        log.warning("unmounting %s%s: %s", e.record.mountpoint, " lazily" if action.lazy else "", action.reason)
-        key, mountpoint = e.key, e.record.mountpoint
-        job = self._submit(lambda: unmount_efs(mountpoint, state_dir=self.state_dir, lazy=action.lazy))
-        job.add_done_callback(lambda fut: self._post(lambda: self._unmounted(key, fut)))
-
-    def _unmounted(self, key: str, fut: "Future") -> None:
-        e = self._entries.get(key)
-        error = fut.exception()
-        if error is not None:
-            log.error("unmounting %s failed: %s", e.record.mountpoint if e else key, error)
-        if e is not None:
-            e.busy.discard(d.UNMOUNT)
-            e.tracking = d.after_unmount(e.tracking, error is None)
-            if not (self.state_dir / key).exists():
-                self._forget(key)  # released with the unmount
-                log.warning("reaped %s (%s, port %s): unmounted after the cleanup wait",
-                            e.record.mountpoint, e.record.fs_id, e.record.port)
-            else:
-                self._evaluate(e)
-
-    def _do_reap(self, e: _Entry, action: d.Action) -> None:
-        self._watch_tunnel_off(e)
-        try:
-            done = release(e.record, state_dir=self.state_dir, mounts=self._mounts)
-        except Exception as exc:
-            log.error("cannot reap %s: %s", e.record.mountpoint, exc)
-            e.tracking = replace(e.tracking, reaped=False, gone_since=self._clock())
-            return
-        if done:
-            log.warning("reaped %s (%s, port %s): %s", e.record.mountpoint, e.record.fs_id, e.record.port, action.reason)
-            self._forget(e.key)
-        else:
-            e.tracking = replace(e.tracking, reaped=False, gone_since=None)
-            self._watch_tunnel(e)
 
     def _submit(self, fn: Callable[[], object]) -> "Future":
         assert self._executor is not None
@@ -476,18 +356,3 @@ class Supervisor:
     def _post(self, fn: Callable[[], None]) -> None:
         self._results.put(fn)
         self._wake()
-
-    # --- orphan tunnels ---------------------------------------------------------------------
-    def _scan_orphans(self, now: float) -> None:
-        known = [e.record.tunnel for e in self._entries.values() if e.record.tunnel is not None]
-        next_scan = now + (self.policy.health_interval or ORPHAN_SCAN_INTERVAL)
-        for orphan in tunnels.find_orphans(self.state_dir, known, now):
-            if orphan.age < self._orphan_min_age:
-                next_scan = min(next_scan, now + self._orphan_min_age - orphan.age + 0.05)
-                continue
-            tunnel = Tunnel.from_identity(orphan.identity)
-            if tunnel is not None:
-                tunnel.stop()
-                log.warning("stopped orphan tunnel pid %d (%s): no mount record owns it",
-                            orphan.identity.pid, orphan.identity.cmdline[-1])
-        self._orphan_due = next_scan

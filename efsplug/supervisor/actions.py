@@ -1,0 +1,163 @@
+"""What the supervisor does once a decision is made: restart, renew, unmount, reap, orphans.
+
+A mixin of Supervisor (runner.py), split out to keep each file readable; it runs on the
+supervisor's loop thread, except the jobs it hands to the executor (renewal, unmount),
+whose results come back to the loop through _post().
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from typing import Optional, Set, Tuple
+
+from efsplug import state
+from efsplug.state import MountRecord
+from efsplug.supervisor import decisions as d
+from efsplug.supervisor import tunnels
+from efsplug.supervisor.renew import RenewalError, renew_certificate
+from efsplug.tunnel import Tunnel, TunnelError
+from efsplug.unmount import release, unmount_efs
+
+log = logging.getLogger("efsplug.supervisor")
+ORPHAN_SCAN_INTERVAL = 300.0  # without health checks, orphans are still looked for
+STUNNEL_NAMES = ("stunnel", "stunnel5", "stunnel4")  # as efsplug.mount looks for it
+
+
+@dataclass
+class Entry:
+    key: str
+    record: MountRecord
+    tracking: d.Tracking
+    alive: bool = False
+    pidfd: Optional[int] = None
+    wake_at: Optional[float] = None
+    busy: Set[str] = field(default_factory=set)
+    shown: Tuple[str, str] = ("", "")
+
+
+class ActionsMixin:
+    """Needs from Supervisor: config, state_dir, policy, _clock, _environ, _entries, _mounts,
+    _orphan_min_age, _orphan_due, _evaluate, _forget, _watch_tunnel, _watch_tunnel_off,
+    _submit, _post."""
+
+    def _do_restart_tunnel(self, e: Entry, action: d.Action) -> None:
+        now = self._clock()
+        old = Tunnel.from_identity(e.record.tunnel) if e.record.tunnel else None
+        try:
+            if old is not None:  # alive but wedged: its pidfd must not count this as a death
+                self._watch_tunnel_off(e)
+                old.stop()
+            identity, _popen = tunnels.start_tunnel(e.record, self.state_dir, self._stunnel_binary())
+        except (TunnelError, OSError) as exc:
+            e.tracking = d.after_restart(e.tracking, False, now, self.policy)
+            log.error("cannot restart the tunnel of %s on port %s (%s): %s; retrying",
+                      e.record.mountpoint, e.record.port, action.reason, exc)
+            return
+        e.record = replace(e.record, tunnel=identity)
+        state.save(self.state_dir, e.record)
+        self._watch_tunnel(e)
+        e.tracking = d.after_restart(e.tracking, True, now, self.policy)
+        log.warning("restarted the tunnel of %s on port %s (pid %d): %s",
+                    e.record.mountpoint, e.record.port, identity.pid, action.reason)
+
+    def _stunnel_binary(self) -> str:
+        for name in ([self.config.efsplug.stunnel] if self.config.efsplug.stunnel else STUNNEL_NAMES):
+            found = shutil.which(name)
+            if found:
+                return found
+        return "stunnel"
+
+    def _do_renew_certificate(self, e: Entry, action: d.Action) -> None:
+        if d.RENEW_CERT in e.busy:
+            return
+        e.busy.add(d.RENEW_CERT)
+        record, key = e.record, e.key
+        job = self._submit(lambda: renew_certificate(record, state_dir=self.state_dir, config=self.config,
+                                                     now=datetime.now(timezone.utc), environ=self._environ))
+        job.add_done_callback(lambda fut: self._post(lambda: self._renewed(key, fut)))
+
+    def _renewed(self, key: str, fut: "Future") -> None:
+        e = self._entries.get(key)
+        if e is None:
+            return
+        e.busy.discard(d.RENEW_CERT)
+        now = self._clock()
+        try:
+            renewed = fut.result()
+        except RenewalError as exc:
+            first = e.tracking.revoked_since is None and e.tracking.renew_failures == 0
+            e.tracking = d.after_renewal(e.tracking, False, now, self.policy, revoked=exc.revoked)
+            if first:  # logged once; the back-off keeps the source from being hammered
+                log.warning("cannot renew the certificate of %s: %s; retrying with back-off", e.record.mountpoint, exc)
+        except Exception:
+            log.exception("renewing the certificate of %s failed", e.record.mountpoint)
+            e.tracking = d.after_renewal(e.tracking, False, now, self.policy, revoked=False)
+        else:
+            if e.tracking.revoked_since is not None:
+                log.info("credentials of %s are back", e.record.mountpoint)
+            e.tracking = d.after_renewal(e.tracking, True, now, self.policy)
+            e.record = replace(e.record, cert_not_before=renewed.cert_not_before, cert_not_after=renewed.cert_not_after,
+                               credential_expiry=renewed.credential_expiry)
+            if (self.state_dir / key).exists():
+                state.save(self.state_dir, e.record)
+            log.info("renewed the certificate of %s (serial %x, valid until %s, tunnel %s)", e.record.mountpoint,
+                     renewed.serial, renewed.cert_not_after.isoformat(), "reloaded" if renewed.reloaded else "not running")
+        self._evaluate(e)
+
+    def _do_unmount(self, e: Entry, action: d.Action) -> None:
+        if d.UNMOUNT in e.busy:
+            return
+        e.busy.add(d.UNMOUNT)
+        log.warning("unmounting %s%s: %s", e.record.mountpoint, " lazily" if action.lazy else "", action.reason)
+        key, mountpoint = e.key, e.record.mountpoint
+        job = self._submit(lambda: unmount_efs(mountpoint, state_dir=self.state_dir, lazy=action.lazy))
+        job.add_done_callback(lambda fut: self._post(lambda: self._unmounted(key, fut)))
+
+    def _unmounted(self, key: str, fut: "Future") -> None:
+        e = self._entries.get(key)
+        error = fut.exception()
+        if error is not None:
+            log.error("unmounting %s failed: %s", e.record.mountpoint if e else key, error)
+        if e is not None:
+            e.busy.discard(d.UNMOUNT)
+            e.tracking = d.after_unmount(e.tracking, error is None)
+            if not (self.state_dir / key).exists():
+                self._forget(key)  # released with the unmount
+                log.warning("reaped %s (%s, port %s): unmounted after the cleanup wait",
+                            e.record.mountpoint, e.record.fs_id, e.record.port)
+            else:
+                self._evaluate(e)
+
+    def _do_reap(self, e: Entry, action: d.Action) -> None:
+        self._watch_tunnel_off(e)
+        try:
+            done = release(e.record, state_dir=self.state_dir, mounts=self._mounts)
+        except Exception as exc:
+            log.error("cannot reap %s: %s", e.record.mountpoint, exc)
+            e.tracking = replace(e.tracking, reaped=False, gone_since=self._clock())
+            return
+        if done:
+            log.warning("reaped %s (%s, port %s): %s", e.record.mountpoint, e.record.fs_id, e.record.port, action.reason)
+            self._forget(e.key)
+        else:
+            e.tracking = replace(e.tracking, reaped=False, gone_since=None)
+            self._watch_tunnel(e)
+
+    # --- orphan tunnels ---------------------------------------------------------------------
+    def _scan_orphans(self, now: float) -> None:
+        known = [e.record.tunnel for e in self._entries.values() if e.record.tunnel is not None]
+        next_scan = now + (self.policy.health_interval or ORPHAN_SCAN_INTERVAL)
+        for orphan in tunnels.find_orphans(self.state_dir, known, now):
+            if orphan.age < self._orphan_min_age:
+                next_scan = min(next_scan, now + self._orphan_min_age - orphan.age + 0.05)
+                continue
+            tunnel = Tunnel.from_identity(orphan.identity)
+            if tunnel is not None:
+                tunnel.stop()
+                log.warning("stopped orphan tunnel pid %d (%s): no mount record owns it",
+                            orphan.identity.pid, orphan.identity.cmdline[-1])
+        self._orphan_due = next_scan

@@ -7,6 +7,10 @@ host). Times are taken inside the guest (date +%s%N around the command), so the 
 channel is not counted; the phase breakdown is what `mount.efs -v` prints. For
 comparison it times a bare mount.nfs4 through an already running tunnel and a bare
 Python start: the floor the helper cannot go below under user-mode Linux.
+
+`--baseline <git rev>` also times that revision's efsplug (extracted with git archive,
+put first on PYTHONPATH), alternating run by run, so a before/after comparison sees the
+same machine load: the bed shares its two cores with whatever else runs.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import re
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -85,21 +90,43 @@ def undo_mount(bed: Bed, *, keep_tunnel: bool = False) -> List[dict]:
     return records
 
 
-def bench(bed: Bed, runs: int) -> Samples:
+def baseline_checkout(bed: Bed, rev: str) -> str:
+    """rev's efsplug package under the bed's workdir (visible in the guest); the PYTHONPATH for it."""
+    target = bed.workdir / "baseline"
+    target.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "efsplug"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True)
+    where = bed.run([PYTHON, "-c", "import efsplug; print(efsplug.__file__)"], env={"PYTHONPATH": str(target)})
+    if not where.stdout.startswith(str(target)):
+        raise RuntimeError(f"the baseline is not what the guest imports: {where.stdout or where.stderr}")
+    return str(target)
+
+
+def measure(bed: Bed, samples: Samples, command: List[str], env: Optional[Dict[str, str]], counted: bool) -> None:
+    res = bed.run(["sh", "-c", _TIMED, "timed", *command], timeout=120, env=env)
+    if res.rc != 0 or res.timed_out:
+        raise RuntimeError(f"{command} failed (rc {res.rc}): {res.stderr.strip() or res.stdout.strip()}")
+    total = elapsed_ms(res)
+    if not counted:
+        samples.add("first run (creates key)", total)
+        return
+    samples.add("total", total)
+    for name, ms in phases(res).items():
+        samples.add(name, ms)
+    samples.add("overhead", total - phases(res).get("mount.nfs4", 0.0))
+
+
+def bench(bed: Bed, runs: int, baseline: Optional[Samples] = None, baseline_env: Optional[Dict[str, str]] = None
+          ) -> Samples:
     samples = Samples()
     ap = bed.access_points[0].id
     command = ["mount", "-t", "efs", "-v", bed.fs_id, MOUNTPOINT, "-o", f"tls,iam,accesspoint={ap}"]
     bed.run(["mkdir", "-p", MOUNTPOINT], timeout=30)
     for i in range(runs + 1):  # run 0 warms caches and creates the private key: not counted
-        res = timed(bed, command)
-        if i:
-            total = elapsed_ms(res)
-            samples.add("total", total)
-            for name, ms in phases(res).items():
-                samples.add(name, ms)
-            samples.add("overhead", total - phases(res).get("mount.nfs4", 0.0))
-        else:
-            samples.add("first run (creates key)", elapsed_ms(res))
+        if baseline is not None:
+            measure(bed, baseline, command, baseline_env, counted=bool(i))
+            undo_mount(bed)
+        measure(bed, samples, command, None, counted=bool(i))
         undo_mount(bed, keep_tunnel=(i == runs))
     (record,) = state_records(bed)
     nfs = ["/sbin/mount.nfs4", "127.0.0.1:/", MOUNTPOINT, "-o", f"{NFS_OPTIONS},port={record['port']}"]
@@ -113,9 +140,9 @@ def bench(bed: Bed, runs: int) -> Samples:
     return samples
 
 
-def report(samples: Samples, runs: int) -> str:
+def report(samples: Samples, runs: int, title: str = "") -> str:
     lines = [
-        f"mount -t efs -o tls,iam,accesspoint (instance role), {runs} runs, milliseconds",
+        f"mount -t efs -o tls,iam,accesspoint (instance role), {runs} runs, milliseconds{title}",
         f"{'':40} {'median':>9} {'min':>9} {'max':>9} {'n':>4}",
     ]
     rows = [(f"  phase {name}", name) for name in PHASES]
@@ -142,12 +169,18 @@ def report(samples: Samples, runs: int) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench mount", description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10, help="measured runs (default 10, at least 10 for the report)")
+    parser.add_argument("--baseline", metavar="REV", help="also time this git revision's efsplug, interleaved")
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="efsbed-bench-"))
     try:
+        baseline = Samples() if args.baseline else None
         with Bed(workdir / "bed") as bed:
-            samples = bench(bed, max(args.runs, 1))
-        print(report(samples, args.runs))
+            env = {"PYTHONPATH": baseline_checkout(bed, args.baseline)} if args.baseline else None
+            samples = bench(bed, max(args.runs, 1), baseline, env)
+        print(report(samples, args.runs, " (this checkout)"))
+        if baseline is not None:
+            print()
+            print(report(baseline, args.runs, f" (baseline {args.baseline})"))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0

@@ -21,6 +21,26 @@ from efsplug.mounttable import KernelMount, by_mountpoint, ports_in_use, read_mo
 from efsplug.state import MountRecord
 from efsplug.tunnel import Tunnel, TunnelError
 
+
+def kernel_connected(pid: int, port: int) -> bool:
+    """True if a socket in pid's network namespace is connected to 127.0.0.1:port.
+
+    The NFS client's sockets belong to no process; they show here as connections whose
+    remote end is the tunnel's port (stunnel's own accepted sockets have it as local).
+    """
+    want = f"0100007F:{port:04X}"
+    try:
+        with open(f"/proc/{pid}/net/tcp") as f:
+            next(f, None)
+            for line in f:
+                cols = line.split()
+                if len(cols) > 3 and cols[2] == want and cols[3] in ("01", "02"):  # ESTABLISHED, SYN_SENT
+                    return True
+    except OSError:
+        return False
+    return False
+
+
 UMOUNT = "/bin/umount"
 _NOT_MOUNTED = ("not mounted", "no mount point specified", "mountpoint not found")
 
@@ -107,6 +127,8 @@ def release(record: MountRecord, *, state_dir: Path, mounts: Optional[List[Kerne
         return False
     if record.tunnel is not None:
         tunnel = Tunnel.from_identity(record.tunnel)  # None if gone or the pid was reused
+        if tunnel is not None and record.port is not None and kernel_connected(tunnel.pid, record.port):
+            return False  # the NFS client still tears its session down through it
         if tunnel is not None:
             try:
                 tunnel.stop()

@@ -52,6 +52,7 @@ class Policy:
     backoff_max: float = 1800.0
     restart_backoff_base: float = 1.0
     restart_backoff_max: float = 60.0
+    poll_interval: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,9 @@ class Observation:
     tunnel_listening: Optional[bool] = None  # None: not probed this time
     netns_present: bool = True
     references: Optional[int] = None  # Docker references; None: not a Docker volume
+    # The kernel still has a TCP connection to the tunnel: after an unmount is detached
+    # from the table, the NFS client tears its session down through the tunnel.
+    kernel_connected: bool = False
 
 
 @dataclass(frozen=True)
@@ -136,7 +140,7 @@ def decide(key: str, record: MountRecord, obs: Observation, track: Tracking, now
     next_check = now + policy.check_interval if (obs.references is not None or record.netns) else None
     track = replace(track, next_check=next_check)
     if not obs.mounted and not obs.port_users:
-        return _gone(key, record, track, now, policy, refs_held)
+        return _gone(key, record, track, now, policy, refs_held, obs.kernel_connected)
     track = replace(track, gone_since=None)
     actions: List[Action] = []
     wakes: List[Optional[float]] = [next_check]
@@ -195,7 +199,8 @@ def decide(key: str, record: MountRecord, obs: Observation, track: Tracking, now
     return Decision(actions, replace(track, state=state, reason=reason), _earliest(*wakes))
 
 
-def _gone(key: str, record: MountRecord, track: Tracking, now: float, policy: Policy, refs_held: bool) -> Decision:
+def _gone(key: str, record: MountRecord, track: Tracking, now: float, policy: Policy, refs_held: bool,
+          kernel_connected: bool = False) -> Decision:
     """The record's mount left the table and no mount uses its tunnel: reap after the grace."""
     gone_since = track.gone_since if track.gone_since is not None else now
     track = replace(track, gone_since=gone_since, state=PENDING_REAP, reason="not in the mount table")
@@ -208,6 +213,11 @@ def _gone(key: str, record: MountRecord, track: Tracking, now: float, policy: Po
         due = max(due, started + policy.settle)  # maybe mount.nfs4 is still running
     if now < due:
         return Decision([], track, due)
+    if kernel_connected:
+        # Stopping the tunnel now would hang the NFS client's teardown (and every later
+        # mount of the same server that the kernel puts on that client): look again soon.
+        return Decision([], replace(track, reason="the kernel is still connected to the tunnel"),
+                        now + policy.poll_interval)
     if track.seen_mounted:
         why = f"mount left the mount table {now - gone_since:.0f}s ago (grace {policy.grace:g}s)"
     else:
@@ -259,6 +269,7 @@ def policy_from(config, cleanup_wait_seconds: float) -> Policy:
         # enough to be late by at most ~5% of it, never more often than the poll interval.
         check_interval=max(poll, min(cleanup_wait_seconds / 20.0, 60.0)),
         backoff_base=max(poll, 10.0),
+        poll_interval=poll,
         restart_backoff_base=min(poll, 1.0),
     )
 

@@ -40,7 +40,7 @@ from efsplug.supervisor.actions import ActionsMixin, Entry as _Entry
 from efsplug.supervisor.cleanup import cleanup_wait
 from efsplug.supervisor.lock import SupervisorLock
 from efsplug.supervisor.statusfile import STATUS_FILE, MountStatus, write_status
-from efsplug.unmount import mount_dir
+from efsplug.unmount import kernel_connected, mount_dir
 
 log = logging.getLogger("efsplug.supervisor")
 References = Callable[[str], Optional[int]]
@@ -296,9 +296,15 @@ class Supervisor(ActionsMixin):
             except Exception:  # the agent's bookkeeping failed: assume referenced, reap nothing
                 log.exception("references(%s) failed", r.mountpoint)
                 refs = 1
+        mounted = os.path.normpath(r.mountpoint) in self._nfs
+        users = tuple(self._ports.get(r.port, ())) if r.port else ()
+        connected = False
+        if not mounted and not users and e.alive and r.tunnel and r.port:
+            connected = kernel_connected(r.tunnel.pid, r.port)  # only on the way out
         return d.Observation(
-            mounted=os.path.normpath(r.mountpoint) in self._nfs,
-            port_users=tuple(self._ports.get(r.port, ())) if r.port else (),
+            mounted=mounted,
+            port_users=users,
+            kernel_connected=connected,
             tunnel_alive=e.alive,
             tunnel_listening=listening,
             netns_present=not r.netns or os.path.exists(netns_path(r.netns)),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -32,7 +33,7 @@ from efsplug.supervisor import decisions as d
 from efsplug.supervisor.runner import Supervisor
 from efsplug.supervisor.statusfile import read_status
 from efsplug.tunnel import Tunnel, TunnelIdentity, listening_on
-from efsplug.unmount import mount_dir, release
+from efsplug.unmount import kernel_connected, mount_dir, release
 
 STUNNEL = shutil.which("stunnel4") or shutil.which("stunnel") or "stunnel4"
 LOWER, UPPER = 43049, 44049  # away from the ranges other suites use
@@ -92,14 +93,15 @@ def config_for(state_dir: Path, **watchdog: object):
     return parse_config(text).config
 
 
-def make_mount(state_dir: Path, mountpoint: str, *, age: timedelta = timedelta(hours=1), **over) -> MountRecord:
+def make_mount(state_dir: Path, mountpoint: str, *, age: timedelta = timedelta(hours=1), upstream: int = 9,
+               **over) -> MountRecord:
     """What mount_efs leaves behind for one TLS mount: a tunnel, its dir and its record."""
     with reserve_port(state_dir / "ports", LOWER, UPPER) as reservation:
         record = MountRecord(fs_id=FS_ID, mountpoint=mountpoint, port=reservation.port, tls=True, region="us-east-1",
                              mount_time=datetime.now(timezone.utc) - age, **over)
         directory = mount_dir(record, state_dir)
         directory.mkdir(mode=0o700)
-        spec = TunnelSpec(accept_port=reservation.port, connect_host="127.0.0.1", connect_port=9, verify_level=0)
+        spec = TunnelSpec(accept_port=reservation.port, connect_host="127.0.0.1", connect_port=upstream, verify_level=0)
         tunnel = Tunnel.start(spec, config_path=directory / "stunnel.conf", stunnel_binary=STUNNEL)
     # Taken again now: Tunnel.start may read the command line before exec finished.
     record = replace(record, tunnel=TunnelIdentity.of(tunnel.pid), config_file=str(directory / "stunnel.conf"),
@@ -258,12 +260,21 @@ def test_mount_gone_is_reaped_after_grace_but_a_shared_tunnel_is_kept(state_dir,
 
 
 def test_release_keeps_a_tunnel_another_mount_uses(state_dir):
-    first = make_mount(state_dir, "/mnt/one")
+    upstream = socket.socket()
+    upstream.bind(("127.0.0.1", 0))
+    upstream.listen(4)  # accepts (in the backlog) and holds, so stunnel keeps the connection
+    first = make_mount(state_dir, "/mnt/one", upstream=upstream.getsockname()[1])
     shared = [KernelMount(1, "/mnt/two", "nfs4", "127.0.0.1:/", f"rw,port={first.port},addr=127.0.0.1", first.port)]
     assert release(first, state_dir=state_dir, mounts=shared) is False
     assert Tunnel.from_identity(first.tunnel) is not None and state.record_path(state_dir, first).exists()
+    with socket.create_connection(("127.0.0.1", first.port)):  # like the NFS client's connection
+        wait_until(lambda: kernel_connected(first.tunnel.pid, first.port), 5, "connection seen")
+        assert release(first, state_dir=state_dir, mounts=[]) is False
+        assert Tunnel.from_identity(first.tunnel) is not None
+    wait_until(lambda: not kernel_connected(first.tunnel.pid, first.port), 5, "connection closed")
     assert release(first, state_dir=state_dir, mounts=[]) is True
     assert Tunnel.from_identity(first.tunnel) is None and not mount_dir(first, state_dir).exists()
+    upstream.close()
 
 
 @pytest.mark.parametrize("refs, unmounted", [(0, True), (1, False)])

@@ -263,3 +263,13 @@ def test_policy_from_config():
 def test_failure_that_is_not_a_revocation_backs_off_without_marking():
     track = d.after_renewal(SEEN, False, NOW, POLICY, revoked=False)
     assert track.revoked_since is None and track.next_renew_attempt == NOW + 10
+
+
+def test_tunnel_the_kernel_is_still_connected_to_is_not_reaped():
+    """After a umount leaves the table the NFS client still says goodbye through the tunnel."""
+    gone = Observation(mounted=False, kernel_connected=True)
+    decision = decide("k", rec(), gone, replace(SEEN, gone_since=NOW - 100), NOW, POLICY)
+    assert decision.actions == [] and decision.wake_at == NOW + 1.0
+    assert "still connected" in decision.tracking.reason
+    closed = decide("k", rec(), Observation(mounted=False), decision.tracking, NOW + 1, POLICY)
+    assert [a.kind for a in closed.actions] == [d.REAP]

@@ -23,12 +23,12 @@ from efsplug.config import Config, MountConfig
 from efsplug.errors import MountFailure, shown
 from efsplug.fsutil import atomic_write, ensure_dir
 from efsplug.imds import InstanceMetadata, MetadataUnavailable
-from efsplug.netns import CLONE_NEWNET, opened
+from efsplug.netns import check_namespace
 from efsplug.nfs import NfsMount, mount_nfs
 from efsplug.options import MountRequest, nfs_mount_options, validate_region
 from efsplug.resolve import MountTarget, locate_mount_target
 from efsplug.stunnel import TunnelSpec
-from efsplug.tunnel import Tunnel, TunnelError, TunnelIdentity
+from efsplug.tunnel import Tunnel, TunnelError
 
 if TYPE_CHECKING:
     # Imported where used: cryptography and the credential sources cost a short-lived
@@ -129,29 +129,7 @@ def _check_preconditions(request: MountRequest) -> None:
     if request.mountpoint and not os.path.isdir(request.mountpoint):
         raise MountFailure(f"mount point {shown(request.mountpoint)} is not a directory; create it with mkdir -p")
     if request.netns:
-        _check_network_namespace(request.netns)
-
-
-NS_GET_NSTYPE = 0xB703  # ioctl on a namespace file: its CLONE_NEW* type (Linux >= 4.11)
-
-
-def _check_network_namespace(netns: str) -> None:
-    """Fail early, with the fix, when netns= is not a network namespace.
-
-    Asks the kernel (NS_GET_NSTYPE) rather than reading the fd's link: an `ip netns`
-    file is a bind mount whose link reads as its path, not "net:[...]".
-    """
-    import fcntl
-
-    with opened(netns) as fd:
-        try:
-            kind = fcntl.ioctl(fd, NS_GET_NSTYPE)
-        except OSError:
-            kind = None
-    if kind != CLONE_NEWNET:
-        raise MountFailure(
-            f"netns {shown(netns)} is not a network namespace; pass /proc/<pid>/ns/net or an ip-netns name"
-        )
+        check_namespace(request.netns)
 
 
 def _identity(request: MountRequest, environ: Mapping[str, str]) -> Identity:
@@ -222,11 +200,6 @@ def _start_tunnel(
             except (TunnelError, OSError) as exc:
                 raise MountFailure(f"TLS tunnel to {target.address} did not start: {exc}{_tunnel_hint(exc, spec)}") from None
             undo.callback(tunnel.stop)
-            # Tunnel.start takes the identity right after fork+exec, when /proc/<pid>/cmdline
-            # can still be empty (seen under UML): such an identity matches nothing, so the
-            # tunnel could never be stopped or found again. It listens now: exec is done,
-            # and the pid is still our unreaped child, so it cannot have been reused.
-            tunnel.identity = TunnelIdentity.of(tunnel.pid)
     record = replace(
         record,
         tunnel=tunnel.identity,

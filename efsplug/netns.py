@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import os
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from efsplug.errors import MountFailure
+from efsplug.errors import MountFailure, shown
 
 CLONE_NEWNET = 0x40000000
 NETNS_RUN_DIR = Path("/run/netns")
@@ -24,12 +25,22 @@ def netns_path(netns: str) -> Path:
     return Path(netns) if "/" in netns else NETNS_RUN_DIR / netns
 
 
+NS_GET_NSTYPE = 0xB703  # ioctl on a namespace file: its CLONE_NEW* type (Linux >= 4.11)
+
+
 def check_namespace(netns: str) -> None:
-    """Fail early, with the fix, when netns= does not name a network namespace."""
+    """Fail early, with the fix, when netns= does not name a network namespace.
+
+    Asks the kernel (NS_GET_NSTYPE) rather than reading the fd's link: an `ip netns`
+    file is a bind mount whose link reads as its path, not "net:[...]".
+    """
     with opened(netns) as fd:
-        target = os.readlink(f"/proc/self/fd/{fd}")
-    if not target.startswith("net:["):
-        raise MountFailure(f"netns {netns} is not a network namespace; pass /proc/<pid>/ns/net or an ip-netns name")
+        try:
+            kind = fcntl.ioctl(fd, NS_GET_NSTYPE)
+        except OSError:
+            kind = None
+    if kind != CLONE_NEWNET:
+        raise MountFailure(f"netns {shown(netns)} is not a network namespace; pass /proc/<pid>/ns/net or an ip-netns name")
 
 
 @contextlib.contextmanager

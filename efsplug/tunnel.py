@@ -201,12 +201,11 @@ class Tunnel:
             except subprocess.SubprocessError:
                 # Only the preexec_fn (setns) raises this; the child never ran stunnel.
                 raise TunnelError(f"cannot enter network namespace {netns}") from None
-            try:
-                identity: Optional[TunnelIdentity] = TunnelIdentity.of(popen.pid)
-            except psutil.NoSuchProcess:
-                identity = None  # already exited: _wait_listening reports why
             _wait_listening(popen, spec.accept_port, ready_timeout, log)
-            assert identity is not None
+            # Only now: right after fork+exec /proc/<pid>/cmdline can still be empty (seen under
+            # UML), and such an identity would match nothing. Listening means exec is done, and
+            # the pid is our unreaped child, so it cannot have been reused meanwhile.
+            identity = TunnelIdentity.of(popen.pid)
             return cls(identity, spec=spec, config_path=config_path, log_path=log_path, popen=popen)
         except BaseException:
             if popen is not None:
@@ -310,7 +309,7 @@ def _wait_listening(popen: "subprocess.Popen[bytes]", port: int, timeout: float,
         try:
             rc = popen.wait(min(delay, remaining))
         except subprocess.TimeoutExpired:
-            delay = min(delay * 2, 0.1)
+            delay = min(delay * 2, 0.02)  # a ready tunnel is noticed within 20 ms
             continue
         raise TunnelError(f"stunnel exited with status {rc} before listening on port {port}: {log.errors()}")
 

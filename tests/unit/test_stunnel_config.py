@@ -92,6 +92,14 @@ def test_minimal_config_leaves_out_optional_directives() -> None:
     assert ["accept", "127.0.0.1:21000"] in conf["efs"]
 
 
+def test_systemd_escaped_mount_dir_renders_verbatim() -> None:
+    # state.escape_path writes "-" as "\\x2d" (every Docker volume path has dashes); stunnel
+    # gives a backslash no meaning, so the path must reach the config unchanged.
+    cert = "/var/run/efs/fs-0123456789abcdef0.var-lib-ecs-volumes-ecs\\x2dweb\\x2d3.20049/certificate.pem"
+    conf = parse(render(full_spec(cert_file=cert)))
+    assert ["cert", cert] in conf["efs"]
+
+
 def test_fips_and_custom_connect_port() -> None:
     conf = parse(render(full_spec(fips=True, connect_port=12049)))
     assert ["fips", "yes"] in conf[""]

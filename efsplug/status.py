@@ -115,7 +115,10 @@ def run(args: argparse.Namespace) -> int:
         print("no efs mounts")
         return 0
     for v in views:
-        tunnel = f"port {v.port} pid {v.tunnel_pid} {'alive' if v.tunnel_alive else 'dead'}" if v.port else "no tunnel"
+        pid = f"pid {v.tunnel_pid}" if v.tunnel_pid else "no pid"
+        tunnel = f"port {v.port}, {pid}, {'alive' if v.tunnel_alive else 'dead'}" if v.port else "no tunnel"
+        if v.tunnel_alive and not v.tunnel_listening:
+            tunnel += " but not listening"
         print(f"{v.mountpoint}  {v.fs_id}:{v.path}  {v.state}" + (f" ({v.reason})" if v.reason else ""))
         print(f"    tunnel: {tunnel}" + (f", netns {v.netns}" if v.netns else ""))
         if v.access_point:

@@ -306,7 +306,7 @@ def test_supervisor_crash_and_restart(configure, supervisors, clean_guest: Bed) 
         wait_until(lambda: len(tunnel_pids(bed)) == 2, 20, "orphan listening")
         second = supervisors()
         wait_until(lambda: tunnel_pids(bed) == [str(rec["tunnel"]["pid"])], 40, "orphan stopped")
-        assert "stopped orphan tunnel" in second.log()
+        wait_until(lambda: "stopped orphan tunnel" in second.log(), 10, "orphan logged")  # logged once it is gone
         assert record_of(bed, "/mnt/supcrash")["tunnel"] == rec["tunnel"]  # the live mount untouched
         assert bed.run(["sh", "-c", "echo ok > /mnt/supcrash/crash"], timeout=60).rc == 0
         bed.run(["kill", "-9", str(rec["tunnel"]["pid"])])  # and supervised again

@@ -5,8 +5,8 @@ synthetic NFS mount table (the host kernel has no NFS client) and one real liste
 process standing in for the tunnels: it listens on all 1,000 ports, so liveness (pidfd)
 and listening probes are real. Every mount is a Docker volume with a reference held, so
 the reference checks run too. Side by side: a loop that re-reads everything every
-second (every state file, the mount table, every tunnel's identity and socket), the way
-a watchdog without events works. Each runs in its own process; CPU is that process's
+second (every state file, the mount table, every tunnel's identity: pid, start time and
+command line), the way a watchdog without events works; it does not even probe sockets. Each runs in its own process; CPU is that process's
 user+system time over the window, after a warm-up.
 
     scripts/bench supervisor [--mounts 1000] [--seconds 70] [--warmup 5]
@@ -87,16 +87,16 @@ def reread_main(state_dir: str, count: int) -> None:
     """What a watchdog without events does: everything, every second."""
     from efsplug import state
     from efsplug.mounttable import ports_in_use
-    from efsplug.tunnel import Tunnel, listening_on
+    from efsplug.tunnel import Tunnel
 
     table = synthetic_table(count)
     while True:
         start = time.monotonic()
         records, _ = state.load_all(Path(state_dir))
         ports_in_use(table)
-        for r in records:
-            if r.tunnel is not None and Tunnel.from_identity(r.tunnel) is not None and r.port:
-                listening_on(r.tunnel.pid, r.port)
+        for r in records:  # liveness only (pid + start time + command line), as efs-utils' watchdog
+            if r.tunnel is not None:
+                Tunnel.from_identity(r.tunnel)
         time.sleep(max(0.0, 1.0 - (time.monotonic() - start)))  # the loop's 1 s tick
 
 

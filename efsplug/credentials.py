@@ -7,13 +7,12 @@ A `CredentialSource` never holds a secret: it names where to look, not what was 
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, List, Mapping, Optional, Tuple
 
-from efsplug.imds import InstanceMetadata, MetadataUnavailable, http_request, parse_time
+from efsplug.imds import InstanceMetadata, MetadataUnavailable, http_request
 
 if TYPE_CHECKING:
     from efsplug.sigv4 import AwsCredentials
@@ -118,14 +117,8 @@ def _get_container_json(url: str, *, headers: Mapping[str, str], label: str) -> 
             f"{label} answered HTTP {status}; the task's credentials are gone (task stopped?) or the URI is wrong"
         )
     try:
-        body = json.loads(text)
-        return AwsCredentials(
-            access_key_id=body["AccessKeyId"],
-            secret_access_key=body["SecretAccessKey"],
-            session_token=body.get("Token"),
-            expiry=parse_time(body.get("Expiration")),
-        )
-    except (ValueError, KeyError, TypeError):
+        return AwsCredentials.from_document(text)
+    except ValueError:
         raise CredentialsUnavailable(f"{label} answered without AccessKeyId/SecretAccessKey") from None
 
 
@@ -178,15 +171,12 @@ def _from_instance_role(_detail: str, environ: Mapping[str, str]) -> AwsCredenti
     botocore's InstanceMetadataFetcher does the same requests, but importing it costs
     more than the whole rest of a mount on a small instance.
     """
-    from efsplug.sigv4 import AwsCredentials
-
     try:
-        found = InstanceMetadata.from_environment(environ).role_credentials()
+        return InstanceMetadata.from_environment(environ).role_credentials()
     except MetadataUnavailable as exc:
         raise CredentialsUnavailable(
             f"instance role: {exc} (no role attached, or IMDS hop limit too low)"
         ) from None
-    return AwsCredentials(found.access_key_id, found.secret_access_key, found.token, found.expiry)
 
 
 _FETCHERS: Mapping[str, Callable[[str, Mapping[str, str]], AwsCredentials]] = {

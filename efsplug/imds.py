@@ -12,13 +12,13 @@ process and those imports cost more than the requests themselves (about 0.15 s a
 from __future__ import annotations
 
 import http.client
-import json
 import os
 import socket
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Dict, Mapping, Optional, Tuple
 from urllib.parse import urlsplit
+
+from efsplug.sigv4 import AwsCredentials
 
 DEFAULT_ENDPOINT = "http://169.254.169.254"
 TOKEN_TTL_SECONDS = 21600
@@ -31,17 +31,6 @@ ROLE_PATH = "latest/meta-data/iam/security-credentials/"
 
 class MetadataUnavailable(Exception):
     """IMDS did not answer (not on EC2, hop limit too low for containers, or disabled)."""
-
-
-@dataclass(frozen=True)
-class RoleCredentials:
-    """The instance role's temporary credentials; repr shows no secret."""
-
-    role: str
-    access_key_id: str
-    secret_access_key: str = field(repr=False)
-    token: Optional[str] = field(default=None, repr=False)
-    expiry: Optional[datetime] = None
 
 
 @dataclass
@@ -69,23 +58,15 @@ class InstanceMetadata:
     def availability_zone_id(self) -> str:
         return self.get("latest/meta-data/placement/availability-zone-id")
 
-    def role_credentials(self) -> RoleCredentials:
+    def role_credentials(self) -> AwsCredentials:
         """The attached role's credentials (never cached: they rotate)."""
         listed = self.get(ROLE_PATH).split()
         role = listed[0] if listed else ""
         if not role:
             raise MetadataUnavailable("instance metadata lists no IAM role; attach an instance profile")
-        body = self._fetch(ROLE_PATH + role)
         try:
-            doc = json.loads(body)
-            return RoleCredentials(
-                role=role,
-                access_key_id=doc["AccessKeyId"],
-                secret_access_key=doc["SecretAccessKey"],
-                token=doc.get("Token"),
-                expiry=parse_time(doc.get("Expiration")),
-            )
-        except (ValueError, KeyError, TypeError):
+            return AwsCredentials.from_document(self._fetch(ROLE_PATH + role))
+        except ValueError:
             raise MetadataUnavailable(f"instance metadata role {role!r}: answer without AccessKeyId/SecretAccessKey") from None
 
     def get(self, path: str) -> str:
@@ -157,8 +138,3 @@ def http_request(method: str, url: str, headers: Mapping[str, str], timeout: flo
         connection.close()
 
 
-def parse_time(text: Optional[str]) -> Optional[datetime]:
-    if not text:
-        return None
-    parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)

@@ -13,12 +13,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Optional, Tuple
 from urllib.parse import quote
 
-from cryptography.hazmat.primitives import serialization
 
 SERVICE = "elasticfilesystem"
 ALGORITHM = "AWS4-HMAC-SHA256"
@@ -37,6 +37,23 @@ class AwsCredentials:
     secret_access_key: str = field(repr=False)
     session_token: Optional[str] = field(default=None, repr=False)
     expiry: Optional[datetime] = None
+
+    @classmethod
+    def from_document(cls, text: str) -> "AwsCredentials":
+        """The JSON both IMDS and the ECS credentials endpoint serve; ValueError if malformed."""
+        try:
+            doc = json.loads(text)
+            return cls(doc["AccessKeyId"], doc["SecretAccessKey"], doc.get("Token"), parse_time(doc.get("Expiration")))
+        except (KeyError, TypeError, AttributeError):
+            raise ValueError("credentials document without AccessKeyId/SecretAccessKey") from None
+
+
+def parse_time(text: Optional[str]) -> Optional[datetime]:
+    """ISO 8601 as AWS writes it (trailing Z); naive times are UTC."""
+    if not text:
+        return None
+    parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
 def _utc(when: datetime) -> datetime:
@@ -93,6 +110,8 @@ def public_key_hash(public_key) -> str:
     Same bytes efs-utils hashes (it skips tag, length and the unused-bits octet).
     A private key is accepted too and hashed by its public half.
     """
+    from cryptography.hazmat.primitives import serialization  # here: IMDS/ECS users need none of it
+
     if hasattr(public_key, "public_key"):
         public_key = public_key.public_key()
     spki = public_key.public_bytes(

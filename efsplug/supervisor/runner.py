@@ -275,7 +275,11 @@ class Supervisor(ActionsMixin):
             return  # fd number reused this round by a fresh pidfd: that tunnel lives
         self._watch_tunnel_off(e)
         tunnels.reap_child(e.record.tunnel.pid)
-        log.warning("tunnel of %s (port %s, pid %d) exited", e.record.mountpoint, e.record.port, e.record.tunnel.pid)
+        # After an unmount the tunnel is stopped on purpose (unmount.release): not news.
+        mountpoint = os.path.normpath(e.record.mountpoint)
+        mounted = any(m.is_nfs and os.path.normpath(m.mountpoint) == mountpoint for m in self._read_mounts())  # fresh: rare
+        (log.warning if mounted else log.info)(
+            "tunnel of %s (port %s, pid %d) exited", e.record.mountpoint, e.record.port, e.record.tunnel.pid)
         dirty.add(key)
 
     def _forget(self, key: str) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from efsbed.bed import Bed
 from efsbed.docker import IMAGE, SEED, GuestDocker
-from efsbed.plugin_agent import GuestAgent
+from efsbed.guestdaemons import GuestAgent
 
 pytestmark = pytest.mark.guest
 

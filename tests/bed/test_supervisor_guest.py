@@ -15,6 +15,7 @@ import pytest
 from cryptography import x509
 
 from efsbed.bed import REPO, Bed
+from efsbed.guestdaemons import GuestSupervisor, wait_until
 from efsplug.certificate import OID_CLIENT_AUTH
 
 pytestmark = pytest.mark.guest
@@ -22,19 +23,8 @@ pytestmark = pytest.mark.guest
 EFSPLUG = str(REPO / ".venv" / "bin" / "efsplug")
 PYTHON = str(REPO / ".venv" / "bin" / "python")
 STATE = "/run/efs"
-LOG = "/var/log/bed/efsplug-supervise.log"
 POLL = 1.0
 SEP = "--efsplug-record--"
-
-
-def wait_until(cond: Callable[[], object], timeout: float, what: str, delay: float = 0.2) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        time.sleep(delay)  # polling the guest with a deadline
 
 
 def guest_config(bed: Bed, mount: str = "", **watchdog: object) -> str:
@@ -43,28 +33,6 @@ def guest_config(bed: Bed, mount: str = "", **watchdog: object) -> str:
     keys.update(watchdog)
     return (f"[mount]\nstunnel_cafile = {bed.ca.cert_path}\n{mount}[mount-watchdog]\n"
             + "".join(f"{k} = {v}\n" for k, v in keys.items()))
-
-
-class GuestSupervisor:
-    def __init__(self, bed: Bed, argv: Optional[List[str]] = None, log: str = LOG) -> None:
-        self.bed, self.argv, self.log_path = bed, argv or [EFSPLUG, "supervise", "-v"], log
-        self.pid: Optional[int] = None
-
-    def start(self) -> "GuestSupervisor":
-        self.bed.run(["rm", "-f", self.log_path])
-        self.pid = self.bed.guest.spawn(self.argv, log=self.log_path)
-        wait_until(lambda: "supervising" in self.log() or not self.bed.guest.kill(self.pid, 0), 60, "supervisor start")
-        assert "supervising" in self.log(), self.log()
-        return self
-
-    def log(self) -> str:
-        return self.bed.run(["cat", self.log_path]).stdout
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.pid is not None:
-            self.bed.guest.kill(self.pid, sig)
-            wait_until(lambda: not self.bed.guest.kill(self.pid, 0), 30, "supervisor exit")
-            self.pid = None
 
 
 @pytest.fixture
@@ -78,7 +46,7 @@ def configure(clean_guest: Bed) -> Iterator[Callable[..., None]]:
 def supervisors(clean_guest: Bed) -> Iterator[Callable[..., GuestSupervisor]]:
     started: List[GuestSupervisor] = []
 
-    def start(argv: Optional[List[str]] = None, log: str = LOG) -> GuestSupervisor:
+    def start(argv: Optional[List[str]] = None, log: str = GuestSupervisor.LOG) -> GuestSupervisor:
         sup = GuestSupervisor(clean_guest, argv, log).start()
         started.append(sup)
         return sup

@@ -8,8 +8,10 @@ everything. Exit status 0 only if every step did what it says.
 
 from __future__ import annotations
 
+import hashlib
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -19,7 +21,7 @@ from typing import Callable, List, Sequence
 from efsbed import procs
 from efsbed.bed import Bed
 from efsbed.docker import DOCKER, IMAGE, GuestDocker
-from efsbed.plugin_agent import GuestAgent
+from efsbed.guestdaemons import GuestAgent, GuestSupervisor, wait_until
 
 DRIVER = "amazon-ecs-volume-plugin"
 
@@ -79,9 +81,44 @@ def main() -> int:
         bed, ["sh", "-c", f"echo 'hello from the kernel guest' > {mountpoint}/hello.txt && sync"]))
     t.step(f"read it on the host, in the access point's export ({ap.root})",
            lambda: _read_back(ap.export_dir / "hello.txt"))
+    tunnel_killed_under_io(t, bed, mountpoint, ap.export_dir)
     t.step("umount", lambda: t.guest(bed, ["umount", mountpoint]))
     ecs_task(t, bed)
     return _finish(t, bed)
+
+
+def tunnel_killed_under_io(t: Transcript, bed: Bed, mountpoint: str, export_dir: Path) -> None:
+    """kill -9 of the mount's stunnel while dd writes: the hard mount waits, the supervisor restarts it."""
+    print("\nThe supervisor: a tunnel killed under I/O comes back\n")
+    sup = GuestSupervisor(bed)
+    t.cleanups.append(lambda: sup.kill(signal.SIGTERM))
+    t.step("start `efsplug supervise` (poll interval 1 s)", lambda: _started(sup.start, "supervising"))
+    t.step("50 MB of random data in the guest", lambda: t.guest(
+        bed, ["dd", "if=/dev/urandom", "of=/tmp/demo-src", "bs=1M", "count=50", "status=none"], timeout=120))
+    target = export_dir / "big.bin"
+    t.step("dd it onto the mount, and kill -9 the tunnel mid-write", lambda: _kill_tunnel_under_dd(bed, mountpoint, target))
+    t.step("dd completed; the host's copy has the same SHA-256", lambda: _same_file(bed, "/tmp/demo-src", target))
+    t.step("what the supervisor logged", lambda: "\n".join(
+        line for line in sup.log().splitlines() if "tunnel" in line))
+
+
+def _kill_tunnel_under_dd(bed: Bed, mountpoint: str, target: Path) -> str:
+    before = bed.run(["pgrep", "-f", "[s]tunnel.*/run/efs/"]).stdout.split()
+    dd = bed.guest.spawn(["dd", "if=/tmp/demo-src", f"of={mountpoint}/big.bin", "bs=1M", "conv=fsync"], log="/tmp/demo-dd.log")
+    wait_until(lambda: target.exists() and target.stat().st_size > 10 << 20, 60, "dd under way", 0.05)
+    written = target.stat().st_size >> 20
+    bed.run(["kill", "-9", *before], check=True)
+    after = wait_until(lambda: bed.run(["pgrep", "-f", "[s]tunnel.*/run/efs/"]).stdout.split(), 30, "a new tunnel", 0.05)
+    wait_until(lambda: not bed.guest.kill(dd, 0), 300, "dd to finish", 0.2)
+    return f"killed tunnel pid {' '.join(before)} after {written} MB; new tunnel pid {' '.join(after)}"
+
+
+def _same_file(bed: Bed, guest_path: str, host_path: Path) -> str:
+    want = bed.run(["sha256sum", guest_path]).stdout.split()[0]
+    got = hashlib.sha256(host_path.read_bytes()).hexdigest()
+    if got != want:
+        raise RuntimeError(f"checksums differ: guest {want}, host {got}")
+    return f"{host_path.stat().st_size >> 20} MB, sha256 {got[:16]}…"
 
 
 def ecs_task(t: Transcript, bed: Bed) -> None:

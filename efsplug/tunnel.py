@@ -166,10 +166,35 @@ class Tunnel:
     ) -> "Tunnel":
         """Write the config (0600), start stunnel and wait until it listens.
 
-        stunnel's stdout/stderr go to log_path (appended) if given, else to an unlinked
-        temp file that only serves to quote stunnel's reason when it fails to start.
-        On any failure, whatever was started or written is removed before raising
-        TunnelError.
+        On any failure the config written here is removed again before TunnelError.
+        """
+        config_path = Path(config_path)
+        atomic_write(config_path, render(spec).encode(), 0o600)
+        try:
+            tunnel = cls.launch(config_path, spec.accept_port, stunnel_binary=stunnel_binary,
+                                ready_timeout=ready_timeout, netns=netns, log_path=log_path)
+        except BaseException:
+            config_path.unlink(missing_ok=True)
+            raise
+        tunnel.spec = spec
+        return tunnel
+
+    @classmethod
+    def launch(
+        cls,
+        config_path: Path,
+        port: int,
+        *,
+        stunnel_binary: str,
+        ready_timeout: float = 10.0,
+        netns: Optional[str] = None,
+        log_path: Optional[Path] = None,
+    ) -> "Tunnel":
+        """Start stunnel on an existing config and wait until it listens on 127.0.0.1:port.
+
+        Used by start() and by the supervisor's restarts. stunnel's output goes to log_path
+        (appended) if given, else to an unlinked temp file that only serves to quote its
+        reason when it fails to start. On failure the process is killed before TunnelError.
         """
         binary = shutil.which(stunnel_binary)
         if binary is None:
@@ -185,9 +210,7 @@ class Tunnel:
         popen: Optional["subprocess.Popen[bytes]"] = None
         log: Optional[_StartLog] = None
         try:
-            atomic_write(config_path, render(spec).encode(), 0o600)
             log = _StartLog(log_path, config_path.parent)
-            preexec = preexec_entering(ns_fd)
             try:
                 popen = subprocess.Popen(
                     [binary, str(config_path)],
@@ -196,24 +219,20 @@ class Tunnel:
                     stderr=log.file,
                     start_new_session=True,  # survives our exit and our terminal's signals
                     close_fds=True,
-                    preexec_fn=preexec,
+                    preexec_fn=preexec_entering(ns_fd),
                 )
             except subprocess.SubprocessError:
                 # Only the preexec_fn (setns) raises this; the child never ran stunnel.
                 raise TunnelError(f"cannot enter network namespace {netns}") from None
-            _wait_listening(popen, spec.accept_port, ready_timeout, log)
+            _wait_listening(popen, port, ready_timeout, log)
             # Only now: right after fork+exec /proc/<pid>/cmdline can still be empty (seen under
             # UML), and such an identity would match nothing. Listening means exec is done, and
             # the pid is our unreaped child, so it cannot have been reused meanwhile.
             identity = TunnelIdentity.of(popen.pid)
-            return cls(identity, spec=spec, config_path=config_path, log_path=log_path, popen=popen)
+            return cls(identity, config_path=config_path, log_path=log_path, popen=popen)
         except BaseException:
             if popen is not None:
                 _kill_child(popen)
-            try:
-                config_path.unlink()
-            except FileNotFoundError:
-                pass
             raise
         finally:
             if ns_fd is not None:

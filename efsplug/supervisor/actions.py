@@ -51,7 +51,7 @@ class ActionsMixin:
             if old is not None:  # alive but wedged: its pidfd must not count this as a death
                 self._watch_tunnel_off(e)
                 old.stop()
-            identity, _popen = tunnels.start_tunnel(e.record, self.state_dir, self._stunnel_binary())
+            identity = tunnels.start_tunnel(e.record, self.state_dir, self._stunnel_binary())
         except (TunnelError, OSError) as exc:
             e.tracking = d.after_restart(e.tracking, False, now, self.policy)
             log.error("cannot restart the tunnel of %s on port %s (%s): %s; retrying",

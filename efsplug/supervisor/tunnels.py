@@ -8,8 +8,6 @@ configuration; the NFS client reconnects to that port and the hard mount resumes
 from __future__ import annotations
 
 import os
-import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +15,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 import psutil
 
-from efsplug.netns import netns_path, preexec_entering
 from efsplug.state import MountRecord
-from efsplug.tunnel import TunnelError, TunnelIdentity, listening_on
+from efsplug.tunnel import Tunnel, TunnelError, TunnelIdentity, listening_on
 
 READY_TIMEOUT = 10.0
 
@@ -65,56 +62,20 @@ def find_running(record: MountRecord, state_dir: Path) -> Optional[TunnelIdentit
     return None
 
 
-def start_tunnel(record: MountRecord, state_dir: Path, default_binary: str, *, timeout: float = READY_TIMEOUT
-                 ) -> Tuple[TunnelIdentity, "Optional[subprocess.Popen[bytes]]"]:
+def start_tunnel(record: MountRecord, state_dir: Path, default_binary: str, *,
+                 timeout: float = READY_TIMEOUT) -> TunnelIdentity:
     """Start the record's stunnel again (in its network namespace) and wait until it listens.
 
     If one already serves that config and port, it is adopted instead of started twice.
     """
-    argv = restart_argv(record, state_dir, default_binary)
+    binary, config = restart_argv(record, state_dir, default_binary)
     running = find_running(record, state_dir)
     if running is not None:
-        return running, None
+        return running
     assert record.port is not None
-    ns_fd = None
-    if record.netns:
-        try:
-            ns_fd = os.open(netns_path(record.netns), os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise TunnelError(f"network namespace {record.netns}: {exc.strerror}") from None
-    try:
-        with tempfile.TemporaryFile(dir=os.path.dirname(argv[1])) as log:
-            popen = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True,
-                start_new_session=True, preexec_fn=preexec_entering(ns_fd),
-            )
-            identity = _wait_listening(popen, record.port, timeout, log)
-            return identity, popen
-    finally:
-        if ns_fd is not None:
-            os.close(ns_fd)
-
-
-def _wait_listening(popen: "subprocess.Popen[bytes]", port: int, timeout: float, log) -> TunnelIdentity:
-    deadline = time.monotonic() + timeout
-    delay = 0.002
-    while True:
-        if listening_on(popen.pid, port):
-            return TunnelIdentity.of(popen.pid)
-        remaining = deadline - time.monotonic()
-        try:
-            rc = popen.wait(max(min(delay, remaining), 0.001))
-        except subprocess.TimeoutExpired:
-            if remaining <= 0:
-                popen.kill()
-                popen.wait()
-                raise TunnelError(f"stunnel did not listen on port {port} within {timeout:g}s") from None
-            delay = min(delay * 2, 0.1)
-            continue
-        log.seek(0)
-        lines = [line.split("[!]", 1)[1].strip() for line in log.read().decode(errors="replace").splitlines()
-                 if "[!]" in line]
-        raise TunnelError(f"stunnel exited with status {rc} on port {port}: {'; '.join(lines[-3:]) or 'no output'}")
+    # The supervisor reaps the child itself when its pidfd fires (reap_child).
+    return Tunnel.launch(Path(config), record.port, stunnel_binary=binary, ready_timeout=timeout,
+                         netns=record.netns).identity
 
 
 def open_pidfd(identity: TunnelIdentity) -> Optional[int]:

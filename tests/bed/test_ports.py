@@ -9,13 +9,13 @@ import socket
 import stat
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Iterator, List
 
 import pytest
 
 from efsbed import procs
+from efsbed.procs import wait_until
 from efsplug.ports import PortRangeExhausted, port_is_listening, reserve_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,15 +46,6 @@ def free_block(n: int) -> int:
     raise RuntimeError(f"no block of {n} free ports found")
 
 
-def wait_until(condition, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    delay = 0.005
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(delay)  # back-off polling with a deadline
-        delay = min(delay * 2, 0.2)
-
-
 def reported(holder: procs.BedProcess) -> List[str]:
     return [line for line in holder.log_tail(5).splitlines() if line.split()[:1] in (["port"], ["error"])]
 
@@ -81,7 +72,7 @@ def test_twenty_processes_at_once_get_twenty_distinct_ports(tmp_path: Path, hold
     for h in group:  # release them together: they race for a range with no spare port
         h.popen.stdin.write(b"go\n")
         h.popen.stdin.flush()
-    wait_until(lambda: all(reported(h) for h in group))
+    wait_until(lambda: all(reported(h) for h in group), 20, "every holder reported")
     lines = [reported(h)[0] for h in group]
     assert all(line.startswith("port ") for line in lines), lines
     ports = sorted(int(line.split()[1]) for line in lines)
@@ -178,7 +169,7 @@ def test_a_crashed_holder_frees_its_port(tmp_path: Path, holders) -> None:
     holder = start_holder(tmp_path, holders, 0, lower, lower + 1)
     holder.popen.stdin.write(b"go\n")
     holder.popen.stdin.flush()
-    wait_until(lambda: reported(holder))
+    wait_until(lambda: reported(holder), 20, "the holder reported")
     assert reported(holder) == [f"port {lower}"]
     with pytest.raises(PortRangeExhausted, match="being set up by other mounts"):
         reserve_port(tmp_path / "locks", lower, lower + 1)

@@ -15,7 +15,8 @@ import pytest
 from cryptography import x509
 
 from efsbed.bed import REPO, Bed
-from efsbed.guestdaemons import GuestSupervisor, wait_until
+from efsbed.guestdaemons import GuestSupervisor
+from efsbed.procs import wait_until
 from efsplug.certificate import OID_CLIENT_AUTH
 
 pytestmark = pytest.mark.guest

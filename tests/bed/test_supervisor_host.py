@@ -17,12 +17,13 @@ import time
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import psutil
 import pytest
 
 from efsbed import procs
+from efsbed.procs import wait_until
 from efsplug import state
 from efsplug.config import parse_config
 from efsplug.mounttable import KernelMount, MountTableWatch
@@ -40,19 +41,6 @@ LOWER, UPPER = 43049, 44049  # away from the ranges other suites use
 FS_ID = "fs-0123456789abcdef0"
 
 pytestmark = pytest.mark.skipif(shutil.which(STUNNEL) is None, reason="stunnel is not installed")
-
-
-def wait_until(cond: Callable[[], object], timeout: float, what: str) -> object:
-    deadline = time.monotonic() + timeout
-    delay = 0.01
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(delay)  # polling a condition with back-off and a deadline
-        delay = min(delay * 2, 0.1)
 
 
 class Table:

@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from efsbed.ca import BedCA
+from efsbed.procs import wait_until
 from efsplug.ports import PortReservation, port_is_listening, reserve_port
 from efsplug.stunnel import TunnelSpec
 from efsplug.netns import CLONE_NEWNET, setns_function
@@ -406,15 +407,6 @@ def test_tunnel_outlives_the_process_that_started_it(tmp_path, ca, servers, port
     assert Tunnel.from_identity(identity) is None
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    delay = 0.005
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(delay)  # back-off polling with a deadline
-        delay = min(delay * 2, 0.2)
-
-
 def test_reload_keeps_established_connections_and_loads_the_new_cert(tmp_path, ca, servers, tunnels, port) -> None:
     creds = tmp_path / "creds"
     creds.mkdir()
@@ -439,7 +431,7 @@ def test_reload_keeps_established_connections_and_loads_the_new_cert(tmp_path, c
         shutil.copy(second_cert, live_cert)
         shutil.copy(second_key, live_key)
         tunnel.reload()
-        wait_for(lambda: log.read_text().count("Configuration successful") >= 2)
+        wait_until(lambda: log.read_text().count("Configuration successful") >= 2, 10, "stunnel reloaded")
 
         established.sendall(b"after reload")
         assert recv_exactly(established, 12) == b"after reload"

@@ -156,17 +156,7 @@ def start_agent(workdir: Path, *, tag: str, name: str = "agent") -> AgentProcess
             "--volumes-root", str(workdir / "volumes"), "--config", str(workdir / "efs-utils.conf")]
     proc = procs.start(name, argv, tag=tag, log=workdir / f"{name}.log")
     agent = AgentProcess(proc, socket_path, state_path)
-    wait_until(lambda: "serving" in agent.log(), 20, proc, what="the agent to serve")
+    procs.wait_until(lambda: "serving" in agent.log(), 20, "the agent to serve", process=proc)
     return agent
 
 
-def wait_until(cond: Any, timeout: float, proc: Optional[procs.BedProcess] = None, what: str = "a condition") -> None:
-    deadline = time.monotonic() + timeout
-    delay = 0.005
-    while not cond():
-        if proc is not None and not proc.alive():
-            raise RuntimeError(f"{proc.name} exited while waiting for {what}:\n{proc.log_tail()}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(delay)  # polling with back-off, bounded by the deadline
-        delay = min(delay * 2, 0.1)

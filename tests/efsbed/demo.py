@@ -21,7 +21,8 @@ from typing import Callable, List, Sequence
 from efsbed import procs
 from efsbed.bed import Bed
 from efsbed.docker import DOCKER, IMAGE, GuestDocker
-from efsbed.guestdaemons import GuestAgent, GuestSupervisor, wait_until
+from efsbed.guestdaemons import GuestAgent, GuestSupervisor
+from efsbed.procs import wait_until
 
 DRIVER = "amazon-ecs-volume-plugin"
 

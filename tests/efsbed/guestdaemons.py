@@ -5,24 +5,14 @@ from __future__ import annotations
 import json
 import signal
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 from efsbed.bed import REPO, Bed
+from efsbed.procs import wait_until
 
 STATE = "/var/lib/ecs/data/efsplug-volumes.json"
 AGENT_LOG = "/var/log/bed/efsplug-agent.log"
 EFSPLUG = str(REPO / ".venv" / "bin" / "efsplug")
-
-
-def wait_until(cond: Callable[[], object], timeout: float, what: str, delay: float = 0.2) -> object:
-    """Poll the guest until cond() is true (returned), failing after timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        time.sleep(delay)  # polling the guest with a deadline
 
 
 class GuestAgent:

@@ -15,7 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, List, Mapping, Optional, Sequence, Set, Union
+from typing import IO, Callable, List, Mapping, Optional, Sequence, Set, TypeVar, Union
 
 import psutil
 
@@ -136,6 +136,37 @@ def tagged_processes(tag: str) -> List[psutil.Process]:
         except (OSError, psutil.Error):
             continue
     return found
+
+
+T = TypeVar("T")
+
+
+def wait_until(
+    cond: Callable[[], T],
+    timeout: float,
+    what: str = "a condition",
+    delay: float = 0.005,
+    *,
+    process: Optional[BedProcess] = None,
+    max_delay: float = 0.2,
+) -> T:
+    """Poll cond() until it returns something true, and return that; bounded by timeout.
+
+    Back-off from delay up to max_delay between polls (there is no event to wait on: a
+    file in another kernel, a log line, a process in the guest). Fails at once if the
+    watched process exits first.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if process is not None and not process.alive():
+            raise RuntimeError(f"{process.name} exited while waiting for {what}:\n{process.log_tail()}")
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(delay)  # back-off between polls, bounded by the deadline
+        delay = min(delay * 2, max(max_delay, delay))
 
 
 def wait_for_port(

@@ -25,6 +25,17 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+@pytest.fixture(scope="module")
+def tag():
+    """A process tag for one module's bed pieces; when the module ends nothing tagged may run.
+
+    Module fixtures that start processes take `tag`, so they are torn down before this check.
+    """
+    tag = procs.new_tag()
+    yield tag
+    assert procs.tagged_processes(tag) == []
+
+
 @pytest.fixture(scope="session")
 def bed(tmp_path_factory: pytest.TempPathFactory):
     """The whole local EFS with a booted kernel guest, shared by the session's guest tests.

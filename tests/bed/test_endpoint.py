@@ -75,14 +75,6 @@ class EchoBackend:
 
 
 @pytest.fixture(scope="module")
-def tag() -> Iterator[str]:
-    tag = procs.new_tag()
-    yield tag
-    # Runs after every other module fixture (they depend on tag): nothing may be left.
-    assert procs.tagged_processes(tag) == []
-
-
-@pytest.fixture(scope="module")
 def bed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("endpoint-bed")
 

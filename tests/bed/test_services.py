@@ -33,13 +33,6 @@ NOW = datetime.now(timezone.utc).replace(microsecond=0)  # issued credentials ex
 
 
 @pytest.fixture(scope="module")
-def tag() -> Iterator[str]:
-    tag = procs.new_tag()
-    yield tag
-    assert procs.tagged_processes(tag) == []
-
-
-@pytest.fixture(scope="module")
 def key():
     return certificate.new_private_key()
 

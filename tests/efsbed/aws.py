@@ -10,7 +10,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import botocore.session
 
@@ -35,21 +35,15 @@ class SeededFs:
     access_point_roots: Dict[str, str] = field(default_factory=dict)  # id -> root directory
 
 
-class MotoServer:
+class MotoServer(procs.Service):
+    name = 'moto'
+
     def __init__(self, workdir: Path, *, tag: str) -> None:
         self.workdir = workdir
         self.tag = tag
-        self._port: Optional[int] = None
-        self._process: Optional[procs.BedProcess] = None
 
     def __repr__(self) -> str:
         return f"MotoServer(port={self._port})"
-
-    @property
-    def port(self) -> int:
-        if self._port is None:
-            raise RuntimeError("moto not started")
-        return self._port
 
     @property
     def endpoint_url(self) -> str:
@@ -70,17 +64,6 @@ class MotoServer:
             self.stop()
             raise
         return self
-
-    def stop(self) -> None:
-        if self._process is not None:
-            self._process.stop()
-            self._process = None
-
-    def __enter__(self) -> "MotoServer":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def client(service: str, endpoint_url: str, region: str):

@@ -52,7 +52,9 @@ class EndpointConfig:
         os.replace(tmp, path)
 
 
-class EfsEndpoint:
+class EfsEndpoint(procs.Service):
+    name = 'EFS endpoint'
+
     def __init__(
         self,
         workdir: Path,
@@ -73,31 +75,28 @@ class EfsEndpoint:
         self._credentials = credentials
         self._routes = {(k or NO_ACCESS_POINT): v for k, v in routes.items()}
         self._iam_required = iam_required
-        self._process: Optional[procs.BedProcess] = None
         self._config: Optional[EndpointConfig] = None
         self.config_path = workdir / "endpoint.json"
         self.events_path = workdir / "events.jsonl"
         self.log_path = workdir / "endpoint.log"
 
     def __repr__(self) -> str:
-        return f"EfsEndpoint({self.fs_id}, port={self._config.port if self._config else None})"
+        return f"EfsEndpoint({self.fs_id}, port={self._port})"
 
     @property
     def dns_name(self) -> str:
         return server_names(self.fs_id, self.region)[0]
 
-    @property
-    def port(self) -> int:
-        if self._config is None:
-            raise RuntimeError("endpoint not started")
-        return self._config.port
+    def _reserve_port(self) -> int:
+        self._port = procs.free_port()
+        return self._port
 
     def start(self) -> "EfsEndpoint":
         self.workdir.mkdir(parents=True, exist_ok=True)
         server = self._ca.issue_server(server_names(self.fs_id, self.region), self.workdir / "tls")
         self.events_path.touch()
         self._config = EndpointConfig(
-            port=procs.free_port(),
+            port=self._reserve_port(),
             fs_id=self.fs_id,
             region=self.region,
             cert_path=str(server.cert_path),
@@ -122,20 +121,6 @@ class EfsEndpoint:
             self.stop()
             raise
         return self
-
-    def stop(self) -> None:
-        if self._process is not None:
-            self._process.stop()
-            self._process = None
-
-    def __enter__(self) -> "EfsEndpoint":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def alive(self) -> bool:
-        return self._process is not None and self._process.alive()
 
     def events(self) -> List[dict]:
         if not self.events_path.exists():

@@ -7,7 +7,7 @@ each on its own loopback port; the host kernel has no NFS server of its own.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+
 
 from efsbed import procs
 
@@ -47,25 +47,19 @@ EXPORT {{
 """
 
 
-class Ganesha:
+class Ganesha(procs.Service):
+    name = 'ganesha'
+
     def __init__(self, workdir: Path, export_dir: Path, *, tag: str) -> None:
         self.workdir = workdir
         self.export_dir = export_dir
         self.tag = tag
-        self._port: Optional[int] = None
-        self._process: Optional[procs.BedProcess] = None
         self.config_path = workdir / "ganesha.conf"
         self.log_path = workdir / "ganesha.log"
         self.pid_path = workdir / "ganesha.pid"
 
     def __repr__(self) -> str:
         return f"Ganesha({str(self.export_dir)!r}, port={self._port})"
-
-    @property
-    def port(self) -> int:
-        if self._port is None:
-            raise RuntimeError("ganesha not started")
-        return self._port
 
     def start(self) -> "Ganesha":
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -88,21 +82,8 @@ class Ganesha:
             raise RuntimeError(f"ganesha did not start: {e}\n{self.log_tail()}") from e
         return self
 
-    def stop(self) -> None:
-        if self._process is not None:
-            self._process.stop()
-            self._process = None
-
-    def alive(self) -> bool:
-        return self._process is not None and self._process.alive()
-
     def log_tail(self, lines: int = 20) -> str:
         if not self.log_path.exists():
             return ""
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
-    def __enter__(self) -> "Ganesha":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

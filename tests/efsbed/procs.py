@@ -82,6 +82,37 @@ class BedProcess:
                 pass
 
 
+class Service:
+    """A bed service backed by one tagged process: start() returns self, stop() is idempotent."""
+
+    name = "service"
+    _port: Optional[int] = None
+    _process: Optional[BedProcess] = None
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError(f"{self.name} not started")
+        return self._port
+
+    def start(self) -> "Service":
+        raise NotImplementedError
+
+    def alive(self) -> bool:
+        return self._process is not None and self._process.alive()
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.stop()
+            self._process = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 def _group_members(pgid: int) -> List[psutil.Process]:
     members = []
     for p in psutil.process_iter(["pid"]):

@@ -7,7 +7,7 @@ import os
 import stat
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import List, Tuple
+from typing import Tuple
 
 import pytest
 from cryptography import x509
@@ -18,6 +18,7 @@ from cryptography.x509.oid import ExtensionOID, NameOID
 from efsplug import __version__, certificate, sigv4
 from efsplug.certificate import CertificateRequest
 from efsplug.errors import MountFailure
+from efsbed.iam import der_children, der_read
 from efsplug.sigv4 import AwsCredentials
 
 NOW = datetime(2024, 5, 6, 7, 8, 9, tzinfo=timezone.utc)
@@ -29,30 +30,9 @@ TOKEN = "IQoJ" + "x" * 300  # long enough to need a multi-byte DER length
 CREDS_TOKEN = AwsCredentials("ASIAEXAMPLE", "secretsecret", session_token=TOKEN)
 
 
-# --- an independent minimal DER reader (deliberately not sharing the product's code) ---
-
-def read_tlv(data: bytes, pos: int = 0) -> Tuple[int, bytes, int]:
-    """(tag, content, next position) of the element at pos."""
-    tag = data[pos]
-    length = data[pos + 1]
-    pos += 2
-    if length & 0x80:
-        count = length & 0x7F
-        length = int.from_bytes(data[pos:pos + count], "big")
-        pos += count
-    return tag, data[pos:pos + length], pos + length
-
-
-def read_all(data: bytes) -> List[Tuple[int, bytes]]:
-    items, pos = [], 0
-    while pos < len(data):
-        tag, content, pos = read_tlv(data, pos)
-        items.append((tag, content))
-    return items
-
-
+# The bed's DER reader (its IAM verifier's): independent of the product's encoder.
 def single(data: bytes) -> Tuple[int, bytes]:
-    tag, content, end = read_tlv(data)
+    tag, content, end = der_read(data)
     assert end == len(data), "trailing bytes after the DER value"
     return tag, content
 
@@ -121,11 +101,11 @@ def test_full_certificate_round_trip(key: rsa.RSAPrivateKey) -> None:
 
     tag, info = single(_ext(parsed, "1.3.6.1.4.1.4843.7.4").value.value)
     assert tag == 0x30
-    assert read_all(info) == [(0x0C, b"efsplug"), (0x0C, __version__.encode())]
+    assert der_children(info) == [(0x0C, b"efsplug"), (0x0C, __version__.encode())]
 
     tag, auth = single(_ext(parsed, "1.3.6.1.4.1.4843.7.2").value.value)
     assert tag == 0x30
-    fields = read_all(auth)
+    fields = der_children(auth)
     assert [t for t, _ in fields] == [0x0C, 0x04, 0x17, 0xA0]
     assert fields[0][1] == b"ASIAEXAMPLE"
     expected_sig = sigv4.signature(
@@ -140,7 +120,7 @@ def test_full_certificate_round_trip(key: rsa.RSAPrivateKey) -> None:
 def test_certificate_without_token_access_point_or_credentials(key: rsa.RSAPrivateKey) -> None:
     cert = certificate.build_certificate(key, _request(credentials=CREDS))
     _, auth = single(_ext(cert, "1.3.6.1.4.1.4843.7.2").value.value)
-    assert [t for t, _ in read_all(auth)] == [0x0C, 0x04, 0x17]
+    assert [t for t, _ in der_children(auth)] == [0x0C, 0x04, 0x17]
     with pytest.raises(x509.ExtensionNotFound):
         _ext(cert, "1.3.6.1.4.1.4843.7.1")
 
@@ -153,8 +133,8 @@ def test_certificate_without_token_access_point_or_credentials(key: rsa.RSAPriva
 def test_signature_in_certificate_is_bound_to_the_key(key: rsa.RSAPrivateKey) -> None:
     other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     req = _request(credentials=CREDS)
-    sig_a = read_all(single(certificate.client_auth_der(key, req))[1])[1][1]
-    sig_b = read_all(single(certificate.client_auth_der(other, req))[1])[1][1]
+    sig_a = der_children(single(certificate.client_auth_der(key, req))[1])[1][1]
+    sig_b = der_children(single(certificate.client_auth_der(other, req))[1])[1][1]
     assert sig_a != sig_b
     with pytest.raises(ValueError, match="needs credentials"):
         certificate.client_auth_der(key, _request())

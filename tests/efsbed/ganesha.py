@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from efsbed import procs
 
 GANESHA = "/usr/bin/ganesha.nfsd"

@@ -37,6 +37,7 @@ class Entry:
     wake_at: Optional[float] = None
     busy: Set[str] = field(default_factory=set)
     shown: Tuple[str, str] = ("", "")
+    listen_misses: int = 0  # consecutive poll sweeps that did not find the tunnel listening
 
 
 class ActionsMixin:

@@ -71,6 +71,7 @@ class Supervisor(ActionsMixin):
         self._timers: List[Tuple[float, int, str]] = []
         self._seq = itertools.count()
         self._orphan_due: Optional[float] = None
+        self._listen_due: Optional[float] = None  # next sweep of "does every tunnel still listen?"
         self._mounts: List[KernelMount] = []
         self._nfs: Set[str] = set()
         self._ports: Dict[int, List[str]] = {}
@@ -148,6 +149,8 @@ class Supervisor(ActionsMixin):
             self._mount_table_changed(dirty)  # reconciliation: the whole picture, once
             self._scan_orphans(self._clock())
             self._evaluate_all(dirty)
+            if self.policy.health_interval is not None:
+                self._listen_due = self._clock() + self.policy.poll_interval
             while not self._stop.is_set():
                 events = ep.poll(self._timeout())
                 fds = {fd for fd, _ in events}
@@ -174,8 +177,8 @@ class Supervisor(ActionsMixin):
                 self._evaluate_all(dirty)
 
     def _timeout(self) -> float:
-        nxt = min([t for t in (self._timers[0][0] if self._timers else None, self._orphan_due) if t is not None],
-                  default=None)
+        candidates = (self._timers[0][0] if self._timers else None, self._orphan_due, self._listen_due)
+        nxt = min([t for t in candidates if t is not None], default=None)
         if nxt is None:
             return -1
         return min(max(nxt - self._clock(), 0.0), 3600.0)
@@ -212,6 +215,25 @@ class Supervisor(ActionsMixin):
                 dirty.add(key)
         if self._orphan_due is not None and self._orphan_due <= now:
             self._scan_orphans(now)
+        if self._listen_due is not None and self._listen_due <= now:
+            self._sweep_listeners(now, dirty)
+
+    def _sweep_listeners(self, now: float, dirty: Set[str]) -> None:
+        """Every poll interval: does each live tunnel still listen? A wedged one is restarted
+        within two intervals. Two misses in a row are needed, so the moment a reload (SIGHUP)
+        re-binds the port never gets a healthy tunnel restarted."""
+        self._listen_due = now + self.policy.poll_interval
+        self._probe.new_sweep()
+        for e in self._entries.values():
+            r = e.record
+            if not (e.alive and r.tls and r.port and r.tunnel) or e.busy:
+                continue
+            if self._probe.still_listening(r.tunnel.pid, r.port):
+                e.listen_misses = 0
+                continue
+            e.listen_misses += 1
+            if e.listen_misses >= 2:
+                dirty.add(e.key)
 
     def _schedule(self, e: _Entry, when: Optional[float]) -> None:
         if when is not None:
@@ -290,9 +312,10 @@ class Supervisor(ActionsMixin):
     def _observe(self, e: _Entry, now: float) -> d.Observation:
         r, t = e.record, e.tracking
         listening = None
-        probe_due = t.next_health is None or now >= t.next_health
+        probe_due = t.next_health is None or now >= t.next_health or e.listen_misses >= 2
         if self.policy.health_interval is not None and e.alive and r.port and r.tunnel and probe_due:
-            listening = self._probe.listening(r.tunnel.pid, r.port)
+            listening = self._probe.listening(r.tunnel.pid, r.port)  # confirms with a fresh read
+            e.listen_misses = 0 if listening else e.listen_misses
         refs: Optional[int] = None
         if self._references is not None:
             try:

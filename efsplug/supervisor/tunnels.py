@@ -153,12 +153,39 @@ class ListenProbe:
         self.ttl, self._clock = ttl, clock
         self._tables: Dict[int, Tuple[float, Dict[int, Set[str]]]] = {}
         self._sockets: Dict[int, Tuple[float, Set[str]]] = {}
+        self._verified: Dict[Tuple[int, int], str] = {}  # (pid, port) -> its listening socket's inode
+        self._namespaces: Dict[int, int] = {}  # pid -> network namespace inode (fixed for a pid's life)
+
+    def new_sweep(self) -> None:
+        """The next answers read each namespace's table afresh, once per namespace."""
+        self._tables.clear()
+
+    def still_listening(self, pid: int, port: int) -> bool:
+        """The per-poll check: is the socket verified earlier still listening on port?
+
+        One table read per namespace per sweep and a set lookup per tunnel. Only when the
+        known socket is missing (never verified, or re-bound by a reload) does it fall back
+        to listening(), which scans the process's descriptors.
+        """
+        known = self._verified.get((pid, port))
+        namespace = self._namespaces.get(pid)
+        if known is not None and namespace is not None:
+            cached = self._tables.get(namespace)
+            if cached is None or self._clock() - cached[0] > self.ttl:
+                cached = self._tables[namespace] = (self._clock(), _loopback_listeners(pid))
+            if known in cached[1].get(port, ()):
+                return True
+        return self.listening(pid, port)
 
     def listening(self, pid: int, port: int) -> bool:
         try:
             namespace = os.stat(f"/proc/{pid}/ns/net").st_ino
         except OSError:
             return False
+        if len(self._namespaces) > 8192:  # pids of long-gone tunnels
+            self._namespaces.clear()
+            self._verified.clear()
+        self._namespaces[pid] = namespace
         return self._check(pid, port, namespace, fresh=False) or self._check(pid, port, namespace, fresh=True)
 
     def _check(self, pid: int, port: int, namespace: int, *, fresh: bool) -> bool:
@@ -174,7 +201,10 @@ class ListenProbe:
             sockets = self._sockets[pid] = (now, _socket_inodes(pid))
         if len(self._sockets) > 4096:  # pids of long-gone tunnels
             self._sockets = {pid: sockets}
-        return bool(candidates & sockets[1])
+        mine = candidates & sockets[1]
+        if mine:
+            self._verified[(pid, port)] = next(iter(mine))
+        return bool(mine)
 
 
 def _loopback_listeners(pid: int) -> Dict[int, Set[str]]:
@@ -184,7 +214,7 @@ def _loopback_listeners(pid: int) -> Dict[int, Set[str]]:
         with open(f"/proc/{pid}/net/tcp") as f:
             next(f, None)
             for line in f:
-                cols = line.split()
+                cols = line.split(None, 10)  # up to the inode; a line has ~17 fields, read every poll
                 if len(cols) > 9 and cols[3] == "0A" and cols[1].startswith("0100007F:"):
                     found.setdefault(int(cols[1][9:], 16), set()).add(cols[9])
     except OSError:

@@ -150,6 +150,47 @@ def test_killed_tunnel_comes_back_on_the_same_port(state_dir, supervisors):
     assert shown_state(state_dir, record) == d.OK
 
 
+def test_wedged_tunnel_is_restarted_within_two_poll_intervals(state_dir, supervisors):
+    """A live stunnel that stopped listening on its port (here: reloaded onto another port,
+    as a botched reload would leave it) is found by the per-poll sweep and restarted."""
+    table = Table()
+    record = make_mount(state_dir, "/mnt/w")
+    table.mount("/mnt/w", record.port)
+    sup = supervisors(config_for(state_dir, stunnel_health_check_enabled="true"), mount_reader=table)
+    wait_until(sup.supervising.is_set, 10, "supervising")
+    config = Path(record.config_file)
+    original = config.read_text()
+    elsewhere = record.port + 1 if record.port + 1 < UPPER else record.port - 1
+    config.write_text(original.replace(f"accept = 127.0.0.1:{record.port}", f"accept = 127.0.0.1:{elsewhere}"))
+    os.kill(record.tunnel.pid, signal.SIGHUP)
+    wait_until(lambda: listening_on(record.tunnel.pid, elsewhere), 10, "the tunnel moved off its port")
+    wedged = time.monotonic()
+    config.write_text(original)  # what the restart will use
+    assert psutil.pid_exists(record.tunnel.pid) and not listening_on(record.tunnel.pid, record.port)
+    fresh = wait_until(lambda: (r := current(state_dir, record)).tunnel != record.tunnel and r.tunnel, 10, "restart")
+    took = time.monotonic() - wedged
+    assert took < 2.5, f"wedged tunnel restarted after {took:.2f}s; poll interval is 1s"
+    assert listening_on(fresh.pid, record.port)
+    assert not psutil.pid_exists(record.tunnel.pid), "the wedged process must be stopped, not left behind"
+    assert shown_state(state_dir, record) == d.OK
+
+
+def test_a_reload_is_not_mistaken_for_a_wedge(state_dir, supervisors):
+    """SIGHUP re-binds the listening socket; the sweep must not restart a healthy tunnel."""
+    table = Table()
+    record = make_mount(state_dir, "/mnt/r")
+    table.mount("/mnt/r", record.port)
+    sup = supervisors(config_for(state_dir, stunnel_health_check_enabled="true"), mount_reader=table)
+    wait_until(sup.supervising.is_set, 10, "supervising")
+    for _ in range(5):
+        os.kill(record.tunnel.pid, signal.SIGHUP)
+        wait_until(lambda: listening_on(record.tunnel.pid, record.port), 5, "listening after reload")
+    deadline = time.monotonic() + 3.0  # three sweeps
+    while time.monotonic() < deadline:
+        assert current(state_dir, record).tunnel == record.tunnel, "a reloaded tunnel was restarted"
+        time.sleep(0.1)  # observing for a fixed window is the point of this test
+
+
 def shown_state(state_dir: Path, record: MountRecord) -> Optional[str]:
     """What status shows: the supervisor writes a status file only once a mount is not ok."""
     if not mount_dir(record, state_dir).exists():

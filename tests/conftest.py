@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from efsbed import procs
+from efsbed import kernel, procs
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    try:
+        return f"efsbed kernel: {kernel.summary()}"
+    except kernel.KernelError as exc:
+        return f"efsbed kernel: none: {exc}"
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -4,7 +4,7 @@ On the host the services listen on 127.0.0.1 and are reached through the variabl
 product honours: AWS_EC2_METADATA_SERVICE_ENDPOINT for IMDS, AWS_CONTAINER_CREDENTIALS_FULL_URI
 for container credentials, AWS_ENDPOINT_URL_STS (moto) for web identity. `awscredsuri`
 always goes to the fixed ECS address 169.254.170.2, as in efs-utils: that path is tested in
-the guest, where the address is DNAT'd to the bed's endpoint.
+the guest, where the address is relayed to the bed's endpoint.
 """
 
 from __future__ import annotations

@@ -121,34 +121,23 @@ NS = "efst1"
 def netns(bed: Bed) -> Iterator[str]:
     """Namespace efst1 joined to the root namespace by a veth pair (TEST-NET-2 addresses, guest-only).
 
-    The guest's DNAT rules live in the root namespace's OUTPUT chain; traffic from efst1
-    arrives through PREROUTING/FORWARD, so this adds the mount target's DNAT there, lets
-    exactly that forwarded flow out of eth0 (to the host, 10.0.2.2, the endpoint's port)
-    and masquerades it. The FORWARD drop for everything else stays in place.
+    The mount target's address sits on the root namespace's lo, where the bed's relay
+    listens (guest_forward.py), so from efst1 it is one routed hop and delivered locally.
+    The root namespace does not forward (ip_forward stays 0), so nothing else leaves efst1.
     """
-    mt, port = bed.seeded.mount_target_ip, bed.endpoint.port
-    rules = [
-        ["-t", "nat", "PREROUTING", "-i", "efsh0", "-d", f"{mt}/32", "-p", "tcp", "--dport", "2049",
-         "-j", "DNAT", "--to-destination", f"10.0.2.2:{port}"],
-        ["-t", "nat", "POSTROUTING", "-s", "198.51.100.0/30", "-o", "eth0", "-j", "MASQUERADE"],
-        ["-t", "filter", "FORWARD", "-i", "efsh0", "-o", "eth0", "-d", "10.0.2.2/32", "-p", "tcp",
-         "--dport", str(port), "-j", "ACCEPT"],
-    ]
     setup = (
         f"set -e; ip netns add {NS}; ip link add efsh0 type veth peer name efst0; ip link set efst0 netns {NS}; "
         "ip addr add 198.51.100.1/30 dev efsh0; ip link set efsh0 up; "
         f"ip netns exec {NS} ip addr add 198.51.100.2/30 dev efst0; ip netns exec {NS} ip link set efst0 up; "
         f"ip netns exec {NS} ip link set lo up; ip netns exec {NS} ip route add default via 198.51.100.1; "
-        "sysctl -q -w net.ipv4.ip_forward=1; "
-        + "".join(f"iptables-legacy -t {r[1]} -I {r[2]} 1 {' '.join(r[3:])}; " for r in rules)
+        "test \"$(sysctl -n net.ipv4.ip_forward)\" = 0"
     )
     try:
         res = sh(bed, setup)
         assert res.rc == 0, res
         yield f"/var/run/netns/{NS}"
     finally:
-        teardown = "".join(f"iptables-legacy -t {r[1]} -D {r[2]} {' '.join(r[3:])}; " for r in rules)
-        sh(bed, teardown + f"sysctl -q -w net.ipv4.ip_forward=0; ip netns del {NS}; ip link del efsh0 2>/dev/null; true")
+        sh(bed, f"ip netns del {NS}; ip link del efsh0 2>/dev/null; true")
 
 
 def test_tunnel_and_mount_live_in_the_namespace(bed: Bed, clean_guest: Bed, netns: str) -> None:

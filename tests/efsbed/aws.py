@@ -79,7 +79,7 @@ def seed_file_system(endpoint_url: str, region: str, az: str) -> SeededFs:
     """A file system with one mount target in az and two access points (/ap-a, /ap-b)."""
     ec2 = client("ec2", endpoint_url, region)
     efs = client("efs", endpoint_url, region)
-    # TEST-NET-1: the mount target's address may only ever be a DNAT'd name in the guest.
+    # TEST-NET-1: the mount target's address may only ever be a relayed address in the guest.
     vpc_id = ec2.create_vpc(CidrBlock="192.0.2.0/24")["Vpc"]["VpcId"]
     subnet_id = ec2.create_subnet(VpcId=vpc_id, CidrBlock="192.0.2.0/25", AvailabilityZone=az)["Subnet"]["SubnetId"]
     fs_id = efs.create_file_system(CreationToken="efsbed-" + os.urandom(4).hex(), Encrypted=True)["FileSystemId"]

@@ -6,8 +6,8 @@ AWS APIs and metadata services, and a real Linux kernel to mount it from.
 
 Inside the guest the product runs with its real defaults: the file system's DNS name
 resolves (guest /etc/hosts) to the mount target IP moto assigned (TEST-NET), and the
-guest's firewall DNATs that IP's port 2049 to the emulated endpoint, 169.254.169.254:80
-to the instance metadata service and 169.254.170.2:80 to the ECS credentials endpoint.
+guest relays that IP's port 2049 to the emulated endpoint, 169.254.169.254:80 to the
+instance metadata service and 169.254.170.2:80 to the ECS credentials endpoint (guest.py).
 Only the CA bundle is configured, in the guest's efs-utils.conf, as an operator would.
 """
 

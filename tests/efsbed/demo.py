@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Callable, List, Sequence
 
+from efsbed import kernel as kernels
 from efsbed import procs
 from efsbed.bed import Bed
 from efsbed.docker import DOCKER, IMAGE, GuestDocker
@@ -152,7 +153,8 @@ def _started(start: Callable[[], object], what: str) -> str:
 
 def _start(bed: Bed) -> str:
     bed.start()
-    return (f"file system {bed.fs_id} in {bed.region}, mount target {bed.seeded.mount_target_ip} "
+    return (f"kernel {kernels.summary()}\n"
+            f"file system {bed.fs_id} in {bed.region}, mount target {bed.seeded.mount_target_ip} "
             f"({bed.dns_name})\naccess points: " + ", ".join(f"{ap.id} -> {ap.root}" for ap in bed.access_points))
 
 

@@ -3,7 +3,7 @@
 dockerd under user-mode Linux is slow (ready in ~5-6 s, `docker run` ~8-10 s), so a test
 module starts one engine and shares it. The data root lives on the guest's tmpfs
 (/var/tmp), the storage driver is vfs (no overlay-on-hostfs), and the engine has no
-bridge and no iptables rules, so it changes nothing in the guest's fail-closed network.
+bridge and no iptables rules, so it changes nothing in the guest's fail-closed routing.
 Always the 20.10 CLI (/usr/bin/docker): a newer client earlier on PATH speaks a newer API.
 """
 

@@ -1,4 +1,4 @@
-"""A real Linux kernel (user-mode Linux 6.1) as the bed's NFS client, driven over a socket.
+"""A real Linux kernel (user-mode Linux, see kernel.py) as the bed's NFS client, driven over a socket.
 
 The host has no NFS client, so everything that must mount runs in a UML guest whose root
 is the host's `/`, read-only (hostfs): the guest runs the host's own python3, venv,
@@ -8,17 +8,19 @@ stunnel and mount.nfs4. guest_init.py (PID 1) then lays the guest out like this:
   must become writable where daemons and tests write; nothing from the host is needed there.
 * overlays (host's files below, tmpfs above): /etc (tests write /etc/hosts and
   /etc/amazon/efs/...), /usr/lib (the host has no /lib/modules: the UML package's module
-  tree is linked in so modprobe works), /usr/sbin (`sbin` entries appear as
+  tree of the kernel in use is linked in so modprobe works), /usr/sbin (`sbin` entries appear as
   /sbin/<name>, so `mount -t efs` finds /sbin/mount.efs as on a real host), /var (so
   /var/lib/... can be created, e.g. by dockerd).
 * devpts (ptmxmode=666), mqueue, cgroup2 (nsdelegate): what dockerd needs in the guest.
 * hostfs, writable: the Guest's workdir at its own path (so the guest reads and writes
   the files a test puts there even under /tmp), and every `shares` entry.
-* network: eth0 = 10.0.2.15 behind slirp; the host's loopback is 10.0.2.2. iptables-legacy
-  DNATs each Forward to 10.0.2.2:<host port> and drops every other packet leaving eth0
-  (IPv6 included); resolv.conf points at the guest's 127.0.0.1 where nothing answers, so
-  unknown names fail fast. eth0 only comes up after those rules are in place, and any
-  failed setup step powers the guest off (fail closed: no traffic reaches a real network).
+* network: the kernel's one interface (eth0 or vec0) = 10.0.2.15/32 behind slirp; the
+  host's loopback is 10.0.2.2, the only address routed; the default route is unreachable
+  and IPv6 is off on the link. Each Forward's address sits on lo, where guest_forward.py
+  relays guest_ip:guest_port to 10.0.2.2:<host port>. resolv.conf points at the guest's
+  127.0.0.1 where nothing answers, so unknown names fail fast. The link only comes up after
+  all that is in place, and any failed setup step powers the guest off (fail closed: no
+  traffic reaches a real network).
 
 guest_agent.py then connects back to a listener this class opened on the host's
 127.0.0.1 and runs commands (JSON lines, multiplexed by request id, so run() may be
@@ -45,11 +47,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence
 
+from efsbed import kernel as kernels
 from efsbed import procs
 
 HERE = Path(__file__).resolve().parent
 CHECKOUT = HERE.parents[1]  # holds the guest's agent and the venv; may sit under /tmp (tmpfs in the guest)
-INIT = HERE / "guest_init.py"
 AGENT = HERE / "guest_agent.py"
 DEFAULT_HANG_GRACE = 15.0
 CONTROL_TIMEOUT = 15.0  # spawn/kill/poweroff answers, before the hang grace
@@ -74,7 +76,7 @@ class GuestCommandError(GuestError):
 
 @dataclass(frozen=True)
 class Forward:
-    """Guest TCP to guest_ip:guest_port is DNAT'd to the host's 127.0.0.1:host_port."""
+    """Guest TCP to guest_ip:guest_port is relayed to the host's 127.0.0.1:host_port."""
 
     guest_ip: str
     guest_port: int
@@ -167,8 +169,10 @@ class Guest:
         mem_mb: int = 1024,
         hang_grace: float = DEFAULT_HANG_GRACE,
         systemd: bool = False,
+        kernel: Optional[kernels.Kernel] = None,
     ) -> None:
         self.workdir = Path(workdir).resolve()
+        self.kernel = kernel or kernels.select()
         self.tag = tag
         self.forwards = tuple(forwards)
         self.hosts = dict(hosts)
@@ -232,9 +236,8 @@ class Guest:
             log=self.workdir / "slirpvde.log",
         )
         argv = [
-            "linux.uml", f"mem={self.mem_mb}M", "rootfstype=hostfs", "rootflags=/", "ro",
-            f"init={INIT}", "con=null", "con0=null,fd:1", f"eth0=vde,{switch_dir}",
-            f"uml_dir={self._sockdir}", f"EFSBED_CONFIG={config}",
+            str(self.kernel.binary), *kernels.base_args(self.kernel, mem_mb=self.mem_mb, uml_dir=self._sockdir),
+            self.kernel.net_arg(switch_dir), f"EFSBED_CONFIG={config}",
         ]
         env = dict(os.environ, TMPDIR="/dev/shm")
         self._procs["uml"] = procs.start("linux.uml", argv, tag=self.tag, log=self.console_log, env=env)
@@ -245,6 +248,7 @@ class Guest:
             "port": port,
             "nonce": nonce,
             "agent": str(AGENT),
+            "modules": str(self.kernel.modules),
             "workdir": str(self.workdir),
             "forwards": [f.__dict__ for f in self.forwards],
             "hosts": self.hosts,
@@ -259,7 +263,11 @@ class Guest:
         while True:
             remaining = deadline - time.monotonic()
             if not uml.alive():
-                raise GuestError(f"the guest powered off before its agent connected:\n{self.console_tail()}")
+                console = self.console_tail(400)
+                raise GuestError(
+                    f"the guest ({self.kernel.describe()}) powered off before its agent connected: "
+                    f"{_why_down(console)}\n{self.console_tail()}"
+                )
             if remaining <= 0:
                 raise GuestError(f"the guest agent did not connect in time:\n{self.console_tail()}")
             # Wake up now and then to notice a guest that powered off (failed setup).
@@ -405,6 +413,14 @@ def _validate(g: Guest) -> None:
             raise ValueError(f"sbin {name!r}: {target!r} must be an absolute path to an executable")
     if g.mem_mb < 128:
         raise ValueError("mem_mb must be at least 128")
+
+
+def _why_down(console: str) -> str:
+    """One line: the setup step init reported as fatal, else the kernel's own reason."""
+    for line in reversed(console.splitlines()):
+        if "efsbed-guest: FATAL" in line:
+            return line.strip()
+    return kernels.boot_failure(console)
 
 
 def _wait_for(cond: Any, proc: procs.BedProcess, deadline: float) -> None:

@@ -1,7 +1,7 @@
 """Stand-ins for the EC2 instance metadata service and the ECS task credentials endpoint.
 
 Both are small threaded HTTP servers on 127.0.0.1; the kernel guest reaches them through
-DNAT from 169.254.169.254:80 and 169.254.170.2:80. Responses carry secrets; nothing here
+its relay from 169.254.169.254:80 and 169.254.170.2:80. Responses carry secrets; nothing here
 logs request or response bodies.
 """
 

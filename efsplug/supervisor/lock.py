@@ -3,6 +3,8 @@
 The agent supervises in process and `efsplug supervise` runs standalone; whichever comes
 second blocks in flock() (no polling) and takes over the moment the first one exits,
 crash included, because the kernel drops the lock with the holder's file.
+The holder writes its pid in the file, and on a second line what it runs with (one line
+of JSON, for `efsplug status`): written with the lock, it always describes the holder.
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ from typing import Callable, Optional
 from efsplug.fsutil import ensure_dir
 
 LOCK_NAME = "supervisor.lock"
+_MAX_READ = 64 * 1024
 
 
 class SupervisorLock:
-    def __init__(self, state_dir: Path, dir_mode: int = 0o750) -> None:
+    def __init__(self, state_dir: Path, dir_mode: int = 0o750, about: str = "") -> None:
+        assert "\n" not in about
+        self.about = about
         self.path = ensure_dir(state_dir, dir_mode) / LOCK_NAME
         self._fd: Optional[int] = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self.acquired = threading.Event()
@@ -56,7 +61,8 @@ class SupervisorLock:
     def _mark(self) -> None:
         assert self._fd is not None
         os.ftruncate(self._fd, 0)
-        os.write(self._fd, f"{os.getpid()}\n".encode())
+        lines = [str(os.getpid())] + ([self.about] if self.about else [])
+        os.pwrite(self._fd, ("\n".join(lines) + "\n").encode(), 0)
         self.acquired.set()
 
     def close(self) -> None:
@@ -64,3 +70,13 @@ class SupervisorLock:
         if fd is not None:
             os.close(fd)
         self.acquired.clear()
+
+
+def holder_about(state_dir: Path) -> Optional[str]:
+    """The second line of the lock file (what its holder runs with), or None."""
+    try:
+        with open(Path(state_dir) / LOCK_NAME, "rb") as f:
+            lines = f.read(_MAX_READ).decode("utf-8", "replace").split("\n")
+    except OSError:
+        return None
+    return lines[1] if len(lines) > 2 and lines[1] else None

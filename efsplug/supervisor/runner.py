@@ -30,14 +30,15 @@ from typing import Callable, Dict, List, Mapping, Optional, Set, Tuple
 
 from efsplug import state
 from efsplug.config import Config
+from efsplug.ecsconfig import ecs_config_path, load_ecs_config
 from efsplug.fsutil import is_temp_name
 from efsplug.mounttable import MOUNTINFO, KernelMount, MountTableWatch, ports_in_use, read_mounts
 from efsplug.netns import netns_path
 from efsplug.state import StateError
+from efsplug.supervisor import cleanup
 from efsplug.supervisor import decisions as d
 from efsplug.supervisor import tunnels
 from efsplug.supervisor.actions import ActionsMixin, Entry as _Entry
-from efsplug.supervisor.cleanup import cleanup_wait
 from efsplug.supervisor.lock import SupervisorLock
 from efsplug.supervisor.statusfile import STATUS_FILE, MountStatus, write_status
 from efsplug.unmount import kernel_connected, mount_dir
@@ -63,7 +64,9 @@ class Supervisor(ActionsMixin):
         self._references = references
         self._environ = os.environ if environ is None else environ
         self._clock = clock
-        self.policy = d.policy_from(config, cleanup_wait(config, self._environ))
+        self.cleanup_wait = cleanup.cleanup_wait(
+            config, self._environ, load_ecs_config(ecs_config_path(self._environ), cleanup.NAMES))
+        self.policy = d.policy_from(config, self.cleanup_wait.seconds)
         self._read_mounts = mount_reader or (lambda: read_mounts(MOUNTINFO))
         self._orphan_min_age = orphan_min_age
         self._entries: Dict[str, _Entry] = {}
@@ -117,7 +120,7 @@ class Supervisor(ActionsMixin):
         self._wake()
 
     def run_forever(self) -> None:
-        lock = SupervisorLock(self.state_dir, self.config.default.state_file_dir_mode)
+        lock = SupervisorLock(self.state_dir, self.config.default.state_file_dir_mode, self.cleanup_wait.to_json())
         try:
             if not lock.try_acquire():
                 log.info("another supervisor holds %s; waiting to take over", lock.path)
@@ -128,7 +131,9 @@ class Supervisor(ActionsMixin):
                 if self._stop.is_set():
                     return
             self.supervising.set()
-            log.info("supervising efs mounts under %s", self.state_dir)
+            log.info("supervising efs mounts under %s; cleanup wait %s", self.state_dir, self.cleanup_wait.describe())
+            for note in self.cleanup_wait.notes:
+                log.warning("%s", note)
             self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="efsplug-supervisor-job")
             self._loop()
         finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from efsplug.config import parse_config
-from efsplug.supervisor.cleanup import DEFAULT_WAIT, cleanup_wait, parse_go_duration
+from efsplug.supervisor.cleanup import DEFAULT_WAIT, cleanup_wait, format_duration, parse_go_duration
 
 DEFAULTS = parse_config("").config
 
@@ -44,7 +44,7 @@ def no_jitter(low: float, high: float) -> float:
     ({"ECS_ENGINE_TASK_CLEANUP_WAIT_DURATION_JITTER": "0s"}, DEFAULT_WAIT),
 ])
 def test_wait_from_environment(env, expected):
-    assert cleanup_wait(DEFAULTS, env, rand=no_jitter) == expected
+    assert cleanup_wait(DEFAULTS, env, rand=no_jitter).seconds == expected
 
 
 def test_jitter_is_added_once_within_bounds():
@@ -55,14 +55,22 @@ def test_jitter_is_added_once_within_bounds():
         return high
 
     env = {"ECS_ENGINE_TASK_CLEANUP_WAIT_DURATION": "10m", "ECS_ENGINE_TASK_CLEANUP_WAIT_DURATION_JITTER": "1m"}
-    assert cleanup_wait(DEFAULTS, env, rand=rand) == 660.0
+    assert cleanup_wait(DEFAULTS, env, rand=rand).seconds == 660.0
     assert calls == [(0.0, 60.0)]
 
 
 def test_config_key_overrides_environment():
     config = parse_config("[mount-watchdog]\ncleanup_wait_sec = 7\n").config
     env = {"ECS_ENGINE_TASK_CLEANUP_WAIT_DURATION": "1h", "ECS_ENGINE_TASK_CLEANUP_WAIT_DURATION_JITTER": "1m"}
-    assert cleanup_wait(config, env, rand=no_jitter) == 7.0
+    assert cleanup_wait(config, env, rand=no_jitter).seconds == 7.0
+
+
+@pytest.mark.parametrize("seconds, text", [
+    (10800, "3h"), (5400, "1h30m"), (632.5, "10m32.5s"), (0.25, "0.25s"), (5, "5s"), (0, "0s"), (59.9996, "1m"),
+])
+def test_format_duration(seconds, text):
+    assert format_duration(seconds) == text
+    assert parse_go_duration(text) == pytest.approx(seconds, abs=1e-3)
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "1.5", "soon"])

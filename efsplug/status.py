@@ -2,7 +2,8 @@
 
 Read-only: records from the state directory, the kernel's mount table, the tunnel
 processes and the supervisor's per-mount status files. Credential sources are named,
-never their secrets.
+never their secrets. Then the cleanup wait in force and where it came from: as the running
+supervisor published it, else computed here (from this process's environment).
 """
 
 from __future__ import annotations
@@ -14,14 +15,16 @@ import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from efsplug import state
 from efsplug.config import load_config
+from efsplug.ecsconfig import ecs_config_path, load_ecs_config
 from efsplug.errors import EfsplugError
 from efsplug.mounttable import KernelMount, ports_in_use, read_mounts
 from efsplug.state import MountRecord
-from efsplug.supervisor.lock import LOCK_NAME
+from efsplug.supervisor import cleanup
+from efsplug.supervisor.lock import LOCK_NAME, holder_about
 from efsplug.supervisor.statusfile import read_status
 from efsplug.tunnel import Tunnel, listening_on
 from efsplug.unmount import mount_dir
@@ -97,6 +100,22 @@ def collect(state_dir: Path) -> List[MountView]:
     return [view(r, mounts, state_dir, running) for r in sorted(records, key=lambda r: r.mountpoint)]
 
 
+def cleanup_lines(published: Optional[str], computed: Callable[[], cleanup.CleanupWait], running: bool) -> List[str]:
+    """The cleanup wait line, then one indented line per setting that was not used and why.
+
+    published is what the running supervisor wrote in its lock file; computed works out
+    what a supervisor started now would use (jitter not drawn).
+    """
+    wait = cleanup.CleanupWait.from_json(published) if running and published else None
+    if wait is not None:
+        head = "cleanup wait"
+    else:
+        wait = computed()
+        head = "cleanup wait (computed here: " + (
+            "the running supervisor does not publish it)" if running else "no supervisor is running)")
+    return [f"{head}: {wait.describe()}"] + [f"    {note}" for note in wait.notes]
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="one JSON document (a list of mounts)")
 
@@ -107,13 +126,13 @@ def run(args: argparse.Namespace) -> int:
     except EfsplugError as exc:
         print(f"efsplug status: {exc}", file=sys.stderr)
         return exc.exit_code
-    views = collect(Path(config.efsplug.state_dir))
+    state_dir = Path(config.efsplug.state_dir)
+    views = collect(state_dir)
     if args.json:
         print(json.dumps([asdict(v) for v in views], indent=2))
         return 0
     if not views:
         print("no efs mounts")
-        return 0
     for v in views:
         pid = f"pid {v.tunnel_pid}" if v.tunnel_pid else "no pid"
         tunnel = f"port {v.port}, {pid}, {'alive' if v.tunnel_alive else 'dead'}" if v.port else "no tunnel"
@@ -127,4 +146,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"    credentials: {v.credential_source}, expire {v.credential_expiry or 'never'}")
         if v.cert_expiry:
             print(f"    certificate expires {v.cert_expiry}")
+
+    def computed() -> cleanup.CleanupWait:
+        ecs = load_ecs_config(ecs_config_path(os.environ), cleanup.NAMES)
+        return cleanup.cleanup_wait(config, os.environ, ecs, rand=None)
+
+    for line in cleanup_lines(holder_about(state_dir), computed, supervised(state_dir)):
+        print(line)
     return 0

@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import stat
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -187,6 +188,30 @@ def test_a_recorded_mount_that_vanished_is_reconciled_at_start(tmp_path: Path, t
         assert "volume v1: its mount is gone" in agent.log()
         saved = json.loads(state.read_text())["volumes"]["v1"]
         assert (saved["mounted"], saved["refs"]) == (False, {})
+    finally:
+        agent.proc.stop()
+
+
+def test_a_cleanup_wait_set_only_in_ecs_config_is_in_force(tmp_path: Path, tag: str) -> None:
+    """Operators set the wait in ecs.config, as the ECS docs say; systemd does not put that
+    file in the agent's environment, so the agent reads it. `efsplug status`, run without
+    the agent's environment, shows the wait in force and where it came from."""
+    secret = "hunter2-registry-token"
+    ecs_config = tmp_path / "ecs.config"
+    ecs_config.write_text(f'ECS_CLUSTER=prod\nECS_ENGINE_AUTH_DATA={{"auth":"{secret}"}}\n'
+                          "ECS_ENGINE_TASK_CLEANUP_WAIT_DURATION=5s\n")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("ECS_ENGINE_TASK_CLEANUP_WAIT_DURATION") and k != "EFSPLUG_ECS_CONFIG"}
+    agent = start_agent(tmp_path, tag=tag, env={**env, "EFSPLUG_ECS_CONFIG": str(ecs_config)})
+    try:
+        source = f"ECS_ENGINE_TASK_CLEANUP_WAIT_DURATION in {ecs_config} line 3"
+        procs.wait_until(lambda: f"cleanup wait 5s ({source})" in agent.log(), 20, "the supervisor to start",
+                         process=agent.proc)
+        res = subprocess.run([str(EFSPLUG), "status"], env={**env, "EFSPLUG_CONFIG": str(tmp_path / "efs-utils.conf")},
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.splitlines() == ["no efs mounts", f"cleanup wait: 5s ({source})"]
+        assert secret not in res.stdout + res.stderr + agent.log()
     finally:
         agent.proc.stop()
 

@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Set, Tuple
 
 from efsbed import procs
 from efsplug.agent.plugin import Plugin
@@ -147,14 +147,15 @@ class AgentProcess:
         return self.proc.log.read_text() if self.proc.log and self.proc.log.exists() else ""
 
 
-def start_agent(workdir: Path, *, tag: str, name: str = "agent") -> AgentProcess:
-    """`efsplug agent` as a process with its files under workdir; returns once it serves."""
+def start_agent(workdir: Path, *, tag: str, name: str = "agent", env: Optional[Mapping[str, str]] = None) -> AgentProcess:
+    """`efsplug agent` as a process with its files under workdir (environment env, default
+    this one's); returns once it serves."""
     socket_path, state_path = workdir / "plugins" / "efs-test.sock", workdir / "data" / "volumes.json"
     # The in-process supervisor looks after this agent's own state dir, never the host's.
     (workdir / "efs-utils.conf").write_text(f"[efsplug]\nstate_dir = {workdir / 'efs-state'}\n")
     argv = [str(EFSPLUG), "agent", "--socket", str(socket_path), "--state", str(state_path),
             "--volumes-root", str(workdir / "volumes"), "--config", str(workdir / "efs-utils.conf")]
-    proc = procs.start(name, argv, tag=tag, log=workdir / f"{name}.log")
+    proc = procs.start(name, argv, tag=tag, log=workdir / f"{name}.log", env=env)
     agent = AgentProcess(proc, socket_path, state_path)
     procs.wait_until(lambda: "serving" in agent.log(), 20, "the agent to serve", process=proc)
     return agent

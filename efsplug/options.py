@@ -12,32 +12,29 @@ Policy choices (documented here because users will hit them):
 
 from __future__ import annotations
 
-import ipaddress
-import re
 from dataclasses import dataclass, fields
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from efsplug.errors import UsageError, shown
-
-FS_ID_RE = re.compile(r"fs-(?:[0-9a-f]{8}|[0-9a-f]{17})")
-ACCESS_POINT_RE = re.compile(r"fsap-[0-9a-f]{17}")
-REGION_RE = re.compile(r"[a-z]{2}(?:-[a-z]+)+-[0-9]{1,2}")
-AZ_RE = re.compile(r"[a-z]{2}(?:-[a-z]+)+-[0-9]{1,2}[a-z]")
-PROFILE_RE = re.compile(r"[A-Za-z0-9_.+@-]+")
-CREDS_URI_RE = re.compile(r"/[A-Za-z0-9._~/-]*")
-SAFE_PATH_RE = re.compile(r"/[A-Za-z0-9._+@/-]*")
-OPTION_NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
-IPV4_RE = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}")
-PORT_RE = re.compile(r"[0-9]{1,5}")
+from efsplug.optionvalues import (  # noqa: F401  (REGION_RE, SAFE_PATH_RE, validate_region: public here)
+    EFS_OPTIONS,
+    FLAG_OPTIONS,
+    FS_ID_RE,
+    NOOP_FLAGS,
+    OPTION_NAME_RE,
+    REFUSED,
+    REGION_RE,
+    SAFE_PATH_RE,
+    VALUE_OPTIONS,
+    check_printable as _check_printable,
+    has_dotdot as _has_dotdot,
+    parse_ip,
+    typed_value,
+    validate_region,
+)
 
 USAGE = "mount.efs <fs-id>[:/path] <mountpoint> [-o <options>] [-f] [-n] [-s] [-v]"
 
-FLAG_OPTIONS = ("tls", "iam", "ocsp", "noocsp", "crossaccount")
-VALUE_OPTIONS = (
-    "tlsport", "awsprofile", "awscredsuri", "accesspoint", "region", "az",
-    "mounttargetip", "netns", "verify", "cafile",
-)
-EFS_OPTIONS = frozenset(FLAG_OPTIONS + VALUE_OPTIONS)
 # Understood by mount(8) or systemd, meaningless (or fatal) to mount.nfs4.
 MOUNT8_ONLY = frozenset(
     {"_netdev", "nofail", "auto", "noauto", "defaults", "user", "nouser", "users", "owner", "group", "comment"}
@@ -70,10 +67,12 @@ class MountOptions:
     iam: bool = False
     awsprofile: Optional[str] = None
     awscredsuri: Optional[str] = None
+    rolearn: Optional[str] = None  # with jwtpath: web identity (AssumeRoleWithWebIdentity)
+    jwtpath: Optional[str] = None
     accesspoint: Optional[str] = None
     region: Optional[str] = None
     az: Optional[str] = None
-    mounttargetip: Optional[str] = None
+    mounttargetip: Optional[str] = None  # canonical IPv4 or IPv6 text
     netns: Optional[str] = None
     ocsp: Optional[bool] = None  # True: ocsp, False: noocsp, None: config decides
     verify: Optional[int] = None
@@ -100,74 +99,6 @@ class MountRequest(MountOptions):
             raise UsageError(f"file system id {shown(self.fs_id)} is invalid; use fs- and 8 or 17 hex digits")
 
 
-# --- values ------------------------------------------------------------------------------
-
-def _check_printable(what: str, text: str) -> None:
-    if not text.isprintable():
-        raise UsageError(f"{what} {shown(text)} contains a control or non-printable character; remove it")
-
-
-def _bad(name: str, value: str, fix: str) -> UsageError:
-    return UsageError(f"option '{name}' value {shown(value)} is invalid; {fix}")
-
-
-def _safe_path(name: str, value: str) -> str:
-    if not SAFE_PATH_RE.fullmatch(value) or _has_dotdot(value):
-        raise _bad(name, value, "use an absolute path of letters, digits and ._+@/- without '..'")
-    return value
-
-
-def _has_dotdot(path: str) -> bool:
-    return ".." in path.split("/")
-
-
-def _int_in(name: str, value: str, low: int, high: int) -> int:
-    if not PORT_RE.fullmatch(value) or not low <= int(value) <= high:
-        raise _bad(name, value, f"use a whole number from {low} to {high}")
-    return int(value)
-
-
-def _typed_value(name: str, value: str):
-    if name == "tlsport":
-        return _int_in(name, value, 1, 65535)
-    if name == "verify":
-        return _int_in(name, value, 0, 3)
-    if name == "accesspoint":
-        if not ACCESS_POINT_RE.fullmatch(value):
-            raise _bad(name, value, "use fsap- followed by 17 lowercase hex digits")
-        return value
-    if name == "region":
-        return validate_region(value)
-    if name == "az":
-        if not AZ_RE.fullmatch(value):
-            raise _bad(name, value, "use an availability zone name like us-east-1a")
-        return value
-    if name == "awsprofile":
-        if not PROFILE_RE.fullmatch(value):
-            raise _bad(name, value, "use a profile name of letters, digits and _.+@-")
-        return value
-    if name == "awscredsuri":
-        if not CREDS_URI_RE.fullmatch(value) or value.startswith("//") or _has_dotdot(value):
-            raise _bad(name, value, "use an absolute path like /v2/credentials/<id>")
-        return value
-    if name == "mounttargetip":
-        try:
-            if not IPV4_RE.fullmatch(value):
-                raise ValueError(value)
-            return str(ipaddress.IPv4Address(value))
-        except ValueError:
-            raise _bad(name, value, "use an IPv4 address like 10.0.1.25") from None
-    # netns, cafile
-    return _safe_path(name, value)
-
-
-def validate_region(region: str) -> str:
-    _check_printable("region", region)
-    if not REGION_RE.fullmatch(region):
-        raise _bad("region", region, "use a region name like us-east-1")
-    return region
-
-
 # --- option string ---------------------------------------------------------------------
 
 def _split_items(text: str) -> List[Tuple[str, Optional[str]]]:
@@ -182,24 +113,32 @@ def _split_items(text: str) -> List[Tuple[str, Optional[str]]]:
 
 
 def parse_options(text: str) -> MountOptions:
-    """Parse and validate an ``-o`` string (no cross-option rules beyond those on options alone)."""
+    """Parse and validate an ``-o`` string, with the rules that tie options together."""
     typed: Dict[str, object] = {}
+    noop = set()
     nfs: List[Tuple[str, Optional[str]]] = []
     for name, value in _split_items(text):
         if name[:2] in ("x-", "X-") or name in MOUNT8_ONLY:
             continue
         if not OPTION_NAME_RE.fullmatch(name):
             raise UsageError(f"mount option name {shown(name)} is invalid; use letters, digits, _ and -")
-        if name in FLAG_OPTIONS:
+        if name in REFUSED:
+            raise UsageError(REFUSED[name])
+        if name in FLAG_OPTIONS or name in NOOP_FLAGS:
             if value is not None:
                 raise UsageError(f"option '{name}' takes no value; write just {name}")
-            typed[name] = True
+            if name in NOOP_FLAGS:
+                noop.add(name)
+            else:
+                typed[name] = True
         elif name in VALUE_OPTIONS:
             if not value:
                 raise UsageError(f"option '{name}' needs a value; write {name}=<value>")
-            typed[name] = _typed_value(name, value)  # last one wins
+            typed[name] = typed_value(name, value)  # last one wins
         else:
             nfs.append((name, value))
+    if "notls" in noop and typed.get("tls"):
+        raise UsageError("options 'tls' and 'notls' exclude each other; keep one")
     return _combine(typed, tuple(nfs))
 
 
@@ -217,13 +156,23 @@ def _check_rules(o: MountOptions) -> None:
         raise UsageError("option 'iam' requires 'tls'; add tls to -o")
     if o.accesspoint and not o.tls:
         raise UsageError("option 'accesspoint' requires 'tls'; add tls to -o")
-    for name in ("awsprofile", "awscredsuri"):
+    # efs-utils quietly ignores half a web identity pair; here it is a typo to point out.
+    if (o.rolearn is None) != (o.jwtpath is None):
+        given, missing, what = (("rolearn", "jwtpath", "<web identity token file>") if o.jwtpath is None
+                                else ("jwtpath", "rolearn", "<IAM role ARN>"))
+        raise UsageError(f"option '{given}' needs '{missing}'; add {missing}={what}")
+    for name in ("awsprofile", "awscredsuri", "rolearn", "jwtpath"):
         if getattr(o, name) is not None and not o.iam:
             raise UsageError(f"option '{name}' requires 'iam'; add iam (and tls) to -o")
-    if o.awsprofile is not None and o.awscredsuri is not None:
-        raise UsageError("options 'awsprofile' and 'awscredsuri' exclude each other; keep one")
+    # One explicit identity: efs-utils would pick one silently, in an order users cannot see.
+    chosen = [name for name in ("awsprofile", "awscredsuri", "rolearn") if getattr(o, name) is not None]
+    if len(chosen) > 1:
+        raise UsageError(f"options '{chosen[0]}' and '{chosen[1]}' exclude each other; keep one")
     if o.tls and any(name == "port" for name, _ in o.nfs_options):
         raise UsageError("options 'port' and 'tls' exclude each other; remove port (use tlsport for the tunnel)")
+    if o.crossaccount and o.mounttargetip:
+        raise UsageError("options 'mounttargetip' and 'crossaccount' exclude each other; crossaccount finds "
+                         "the mount target by AZ id, so remove mounttargetip")
 
 
 # --- device and argv ------------------------------------------------------------------
@@ -319,3 +268,12 @@ def nfs_mount_options(request: MountOptions, *, tunnel_port: Optional[int]) -> s
         defaults = [("nfsvers", "4") if n == "nfsvers" else (n, v) for n, v in defaults]
     items = defaults + ([("port", str(tunnel_port))] if tunnel_port is not None else []) + list(user)
     return ",".join(name if value is None else f"{name}={value}" for name, value in items)
+
+
+def nfs_device(host: str, path: str) -> str:
+    """``host:path`` for mount.nfs4; an IPv6 host in brackets, made only from a parsed address."""
+    try:
+        address = parse_ip(host)
+    except ValueError:
+        return f"{host}:{path}"  # a DNS name
+    return f"[{address}]:{path}" if address.version == 6 else f"{address}:{path}"

@@ -9,6 +9,7 @@ import pytest
 from efsplug.errors import EXIT_MOUNT_FAILURE, EXIT_USAGE, MountFailure, UsageError, shown
 from efsplug.options import (
     MountRequest,
+    nfs_device,
     nfs_mount_options,
     parse_device,
     parse_mount_args,
@@ -18,6 +19,7 @@ from efsplug.options import (
 
 FS = "fs-0123456789abcdef0"
 AP = "fsap-0123456789abcdef0"
+ROLE = "arn:aws:iam::123456789012:role/efs-mounter"
 DEFAULTS = "nfsvers=4.1,rsize=1048576,wsize=1048576,hard,timeo=600,retrans=2,noresvport"
 
 
@@ -45,9 +47,9 @@ def test_every_typed_option_parses() -> None:
     o = parse_options(
         "tls,tlsport=20050,iam,awsprofile=dev.team+1@x_y-z,accesspoint=" + AP
         + ",region=us-gov-west-1,az=us-gov-west-1b,mounttargetip=10.0.1.25,netns=/proc/12/ns/net"
-        + ",ocsp,verify=3,cafile=/etc/ssl/ca.pem,crossaccount"
+        + ",ocsp,verify=3,cafile=/etc/ssl/ca.pem"
     )
-    assert o.tls and o.iam and o.crossaccount and o.ocsp is True
+    assert o.tls and o.iam and o.ocsp is True
     assert (o.tlsport, o.verify) == (20050, 3)
     assert o.awsprofile == "dev.team+1@x_y-z"
     assert (o.region, o.az, o.mounttargetip) == ("us-gov-west-1", "us-gov-west-1b", "10.0.1.25")
@@ -55,6 +57,42 @@ def test_every_typed_option_parses() -> None:
     assert o.nfs_options == ()
     assert parse_options("noocsp").ocsp is False
     assert parse_options("tls,iam,awscredsuri=/v2/credentials/ab-12").awscredsuri == "/v2/credentials/ab-12"
+    assert parse_options("crossaccount,az=us-east-1b").crossaccount
+
+
+def test_web_identity_options() -> None:
+    o = parse_options(f"tls,iam,rolearn={ROLE},jwtpath=/var/run/secrets/eks.amazonaws.com/serviceaccount/token")
+    assert (o.rolearn, o.jwtpath) == (ROLE, "/var/run/secrets/eks.amazonaws.com/serviceaccount/token")
+    gov = "arn:aws-us-gov:iam::123456789012:role/team/efs+mounter=a.b@c_d-e"
+    assert parse_options(f"tls,iam,rolearn={gov},jwtpath=/t").rolearn == gov
+    assert o.nfs_options == ()
+
+
+@pytest.mark.parametrize("text, address", [
+    ("10.0.1.25", "10.0.1.25"),
+    ("2001:db8::25", "2001:db8::25"),
+    ("2001:0DB8:0000:0000:0000:0000:0000:0025", "2001:db8::25"),  # canonical, lower case
+    ("fd00:ec2::a", "fd00:ec2::a"),
+    ("::ffff:10.0.1.25", "::ffff:a00:119"),
+])
+def test_mount_target_ip_v4_and_v6(text: str, address: str) -> None:
+    assert parse_options(f"tls,mounttargetip={text}").mounttargetip == address
+
+
+def test_efs_utils_noop_options_are_taken_and_never_reach_nfs() -> None:
+    o = parse_options("tls,stunnel,nodirects3read,nos3readcache,ro")
+    assert o.tls and o.nfs_options == (("ro", None),)
+    plain = parse_options("notls,stunnel")
+    assert not plain.tls and plain.nfs_options == ()
+    # mount.nfs4 gets mountport as efs-utils hands it on Linux (NFSv4 never asks a portmapper).
+    assert parse_options("mountport=2049").nfs_options == (("mountport", "2049"),)
+
+
+def test_nfs_device_brackets_only_a_parsed_ipv6_address() -> None:
+    assert nfs_device("fs-01234567.efs.us-east-1.amazonaws.com", "/a") == "fs-01234567.efs.us-east-1.amazonaws.com:/a"
+    assert nfs_device("10.0.1.25", "/") == "10.0.1.25:/"
+    assert nfs_device("2001:db8::25", "/x") == "[2001:db8::25]:/x"
+    assert nfs_device(parse_options("mounttargetip=2001:DB8::25").mounttargetip or "", "/") == "[2001:db8::25]:/"
 
 
 def test_ecs_driver_opts() -> None:
@@ -101,6 +139,9 @@ OPT_CASES = [
     ("tls=yes", "option 'tls' takes no value"),
     ("iam=1", "option 'iam' takes no value"),
     ("crossaccount=", "option 'crossaccount' takes no value"),
+    ("stunnel=yes", "option 'stunnel' takes no value; write just stunnel"),
+    ("notls=1", "option 'notls' takes no value"),
+    ("tls,nos3readcache=", "option 'nos3readcache' takes no value"),
     ("tlsport", "option 'tlsport' needs a value"),
     ("region=", "option 'region' needs a value"),
     # typed values
@@ -123,7 +164,15 @@ OPT_CASES = [
     ("mounttargetip=10.0.1", "use an IPv4 address"),
     ("mounttargetip=10.0.1.256", "use an IPv4 address"),
     ("mounttargetip=010.0.1.1", "use an IPv4 address"),
-    ("mounttargetip=fe80::1", "use an IPv4 address"),
+    ("mounttargetip=fe80::1%eth0", "use an IPv4 address like 10.0.1.25 or an IPv6 address like 2001:db8::25 "
+                                   "(no brackets, no %zone)"),
+    ("mounttargetip=fe80::1%]\n[x", "contains a control"),
+    ("mounttargetip=fe80::1%]x", "(no brackets, no %zone)"),
+    ("mounttargetip=[2001:db8::1]", "(no brackets, no %zone)"),
+    ("mounttargetip=2001:db8::1::2", "or an IPv6 address"),
+    ("mounttargetip=2001:db8:::1", "or an IPv6 address"),
+    ("mounttargetip=2001:db8:0:0:0:0:0:1:2049", "or an IPv6 address"),  # a port glued on
+    ("mounttargetip=::1.2.3", "or an IPv6 address"),
     ("mounttargetip=example.com", "use an IPv4 address"),
     ("netns=proc/1/ns/net", "option 'netns' value 'proc/1/ns/net' is invalid; use an absolute path"),
     ("netns=/proc/../etc", "without '..'"),
@@ -243,7 +292,7 @@ def _nfs(opts: str, port: Optional[int] = None) -> str:
         ("", None, DEFAULTS),
         ("tls", 20049, DEFAULTS + ",port=20049"),
         (f"tls,iam,accesspoint={AP},region=us-east-1,awsprofile=p,az=us-east-1a,ocsp,verify=1,"
-         f"cafile=/c,netns=/n,tlsport=3,mounttargetip=10.1.1.1,crossaccount", 20100, DEFAULTS + ",port=20100"),
+         f"cafile=/c,netns=/n,tlsport=3,mounttargetip=10.1.1.1,stunnel", 20100, DEFAULTS + ",port=20100"),
         ("soft", None, "nfsvers=4.1,rsize=1048576,wsize=1048576,timeo=600,retrans=2,noresvport,soft"),
         ("hard", None, "nfsvers=4.1,rsize=1048576,wsize=1048576,timeo=600,retrans=2,noresvport,hard"),
         ("rsize=65536,timeo=100", None, "nfsvers=4.1,wsize=1048576,hard,retrans=2,noresvport,rsize=65536,timeo=100"),

@@ -19,6 +19,7 @@ DEFAULT_NFS_PORT = 2049
 
 _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _DOTTED_NUMERIC = re.compile(r"[0-9.]+")
+_IPV6_TEXT = re.compile(r"[0-9A-Fa-f:.]+")  # no brackets, no %zone
 # Backslash included: per-mount directories carry systemd-style escapes (/mnt/my-efs ->
 # mnt-my\x2defs, see state.escape_path); stunnel gives it no meaning in a value.
 _SAFE_PATH = re.compile(r"/[A-Za-z0-9_./@+\\-]*")
@@ -62,7 +63,15 @@ def _check_dns_name(field_name: str, value: object) -> None:
 
 
 def _check_host(field_name: str, value: object) -> None:
-    """A DNS name or an IPv4 address."""
+    """A DNS name, an IPv4 address or an IPv6 address."""
+    if isinstance(value, str) and ":" in value:
+        try:
+            if not _IPV6_TEXT.fullmatch(value):
+                raise ValueError(value)
+            ipaddress.IPv6Address(value)
+        except ValueError:
+            raise _fail(field_name, value, "is not a valid IPv6 address (no brackets, no %zone)") from None
+        return
     if isinstance(value, str) and _DOTTED_NUMERIC.fullmatch(value):
         try:
             ipaddress.IPv4Address(value)
@@ -92,9 +101,10 @@ class TunnelSpec:
     """What one tunnel needs; invalid values are refused at construction."""
 
     accept_port: int
-    connect_host: str  # DNS name or IPv4 address of the mount target
+    connect_host: str  # DNS name, IPv4 or IPv6 address of the mount target
     connect_port: int = DEFAULT_NFS_PORT
     check_host: Optional[str] = None  # name the server certificate must carry; None: no check
+    sni: Optional[str] = None  # server name to send; efs-utils sends the DNS name to IPv6 targets
     verify_level: int = 2  # stunnel `verify`: 0 none, 1 if presented, 2 chain, 3 locally installed
     cafile: Optional[str] = None
     cert_file: Optional[str] = None  # IAM client certificate
@@ -108,8 +118,9 @@ class TunnelSpec:
         _check_int("accept_port", self.accept_port, 1, 65535)
         _check_host("connect_host", self.connect_host)
         _check_int("connect_port", self.connect_port, 1, 65535)
-        if self.check_host is not None:
-            _check_dns_name("check_host", self.check_host)
+        for name in ("check_host", "sni"):
+            if getattr(self, name) is not None:
+                _check_dns_name(name, getattr(self, name))
         _check_int("verify_level", self.verify_level, 0, 3)
         for name in ("cafile", "cert_file", "key_file", "debug_log", "pid_file"):
             value = getattr(self, name)
@@ -154,7 +165,7 @@ def render(spec: TunnelSpec) -> str:
         f"[{SERVICE}]",
         "client = yes",
         f"accept = 127.0.0.1:{spec.accept_port}",
-        f"connect = {spec.connect_host}:{spec.connect_port}",
+        f"connect = {_connect_target(spec)}",
         # TLS 1.2 or newer: `sslVersion` would pin exactly 1.2 and rule out TLS 1.3.
         "sslVersionMin = TLSv1.2",
         "renegotiation = no",
@@ -171,8 +182,20 @@ def render(spec: TunnelSpec) -> str:
         lines.append(f"CAfile = {spec.cafile}")
     if spec.check_host is not None:
         lines.append(f"checkHost = {spec.check_host}")
+    if spec.sni is not None:
+        lines.append(f"sni = {spec.sni}")
     if spec.ocsp:
         lines.append("OCSPaia = yes")
     if spec.cert_file is not None and spec.key_file is not None:
         lines += [f"cert = {spec.cert_file}", f"key = {spec.key_file}"]
     return "\n".join(lines) + "\n"
+
+
+def _connect_target(spec: TunnelSpec) -> str:
+    host = spec.connect_host
+    if ":" in host:
+        # stunnel cuts the port off at the last colon and hands the rest to getaddrinfo,
+        # which takes no brackets: "[2001:db8::1]:2049" does not resolve, "2001:db8::1:2049"
+        # connects. The text comes from the parsed address, never from the input.
+        host = ipaddress.IPv6Address(host).compressed
+    return f"{host}:{spec.connect_port}"

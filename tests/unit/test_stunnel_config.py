@@ -112,7 +112,7 @@ def test_valid_hosts_accepted(host: str) -> None:
 
 
 INJECTIONS = ["a\nexec=/bin/sh", "x=y", "[evil]", "foo\r", "a b", "", "a\x00b", "\u00e9fs.example.com"]
-STRING_FIELDS = ["connect_host", "check_host", "cafile", "cert_file", "key_file", "debug_log", "pid_file"]
+STRING_FIELDS = ["connect_host", "check_host", "sni", "cafile", "cert_file", "key_file", "debug_log", "pid_file"]
 
 
 @pytest.mark.parametrize("field_name", STRING_FIELDS)
@@ -141,8 +141,14 @@ def test_injection_refused_in_every_string_field(field_name: str, evil: str) -> 
         ("a" * 60 + ".") * 5,
         "999.1.1.1",
         "1.2.3",
-        "::1",
         "host:2049",
+        "[2001:db8::1]",
+        "[2001:db8::1]:2049",
+        "fe80::1%lo",
+        "fe80::1%lo\nexec = /bin/sh",
+        "2001:db8::1::2",
+        "2001:db8:::1",
+        "1:2:3:4:5:6:7:8:9",
         "a_b.example.com",
         "*.example.com",
     ],
@@ -155,8 +161,30 @@ def test_malformed_hosts_refused(host: str) -> None:
 
 
 def test_check_host_must_be_a_name_not_an_address() -> None:
-    with pytest.raises(ValueError, match="check_host"):
-        full_spec(check_host="192.0.2.1")
+    for address in ("192.0.2.1", "2001:db8::1"):
+        with pytest.raises(ValueError, match="check_host"):
+            full_spec(check_host=address)
+        with pytest.raises(ValueError, match="sni"):
+            full_spec(sni=address)
+
+
+@pytest.mark.parametrize("host, connect", [
+    ("2001:db8::25", "2001:db8::25:2049"),
+    ("2001:0DB8:0:0:0:0:0:0025", "2001:db8::25:2049"),
+    ("::1", "::1:2049"),
+    ("fd00:ec2::a", "fd00:ec2::a:2049"),
+])
+def test_ipv6_target_renders_as_stunnel_parses_it(host: str, connect: str) -> None:
+    """No brackets: stunnel splits the port off at the last colon and resolves the rest with
+    getaddrinfo, which refuses "[::1]" (checked against stunnel 5.68), and takes "::1:2049"."""
+    conf = parse(render(full_spec(connect_host=host, sni=DNS)))
+    assert ["connect", connect] in conf["efs"]
+    assert ["sni", DNS] in conf["efs"] and ["checkHost", DNS] in conf["efs"]
+    assert "[" not in render(full_spec(connect_host=host)).split("[efs]", 1)[1]
+
+
+def test_sni_only_when_asked() -> None:
+    assert "sni" not in {k for k, _ in parse(render(full_spec()))["efs"]}
 
 
 @pytest.mark.parametrize("path", ["relative/ca.pem", "/etc/", "/" + "a" * 4096, "~/ca.pem", "/etc/ca pem"])

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 ECS_CREDENTIALS_ENDPOINT = "http://169.254.170.2"
 TIMEOUT_SECONDS = 3.0
+# efs-utils' session name: a role's trust or session policies may be written against it.
+WEB_IDENTITY_SESSION = "efs-mount-helper"
 
 
 class CredentialsUnavailable(Exception):
@@ -28,7 +30,9 @@ class CredentialsUnavailable(Exception):
 @dataclass(frozen=True)
 class CredentialSource:
     kind: str  # awscredsuri | profile | container | webidentity | instance
-    detail: str = ""  # the URI, profile name or role ARN; never a secret
+    # The URI, profile name, or "<role ARN> <token file>" (an ARN has no spaces; without
+    # the file, AWS_WEB_IDENTITY_TOKEN_FILE names it); never a secret.
+    detail: str = ""
 
     def __str__(self) -> str:
         return f"{self.kind}:{self.detail}" if self.detail else self.kind
@@ -45,26 +49,31 @@ def find_credentials(
     *,
     awsprofile: Optional[str] = None,
     awscredsuri: Optional[str] = None,
+    rolearn: Optional[str] = None,
+    jwtpath: Optional[str] = None,
+    region: Optional[str] = None,
     environ: Mapping[str, str] = os.environ,
 ) -> Tuple[AwsCredentials, CredentialSource]:
     """The first source that has credentials, in efs-utils' order.
 
-    An explicit awscredsuri or awsprofile is the only source tried: silently falling
-    back to the instance role would mount with an identity the operator did not ask for.
+    An explicit awscredsuri, awsprofile or rolearn+jwtpath is the only source tried:
+    silently falling back to the instance role would mount with an identity the operator
+    did not ask for. ``region`` picks the regional STS endpoint for web identity.
     """
+    explicit = None
     if awscredsuri:
-        candidates = [CredentialSource("awscredsuri", awscredsuri)]
+        explicit = CredentialSource("awscredsuri", awscredsuri)
     elif awsprofile:
-        candidates = [CredentialSource("profile", awsprofile)]
-    else:
-        candidates = _default_chain(environ)
+        explicit = CredentialSource("profile", awsprofile)
+    elif rolearn and jwtpath:
+        explicit = CredentialSource("webidentity", f"{rolearn} {jwtpath}")
+    if explicit is not None:
+        return fetch_credentials(explicit, environ=environ, region=region), explicit
     tried: List[str] = []
-    for source in candidates:
+    for source in _default_chain(environ):
         try:
-            return fetch_credentials(source, environ=environ), source
+            return fetch_credentials(source, environ=environ, region=region), source
         except CredentialsUnavailable as exc:
-            if awscredsuri or awsprofile:
-                raise
             tried.append(str(exc))
     raise CredentialsUnavailable(
         "no AWS credentials found for iam (tried: " + "; ".join(tried) + "); "
@@ -72,9 +81,11 @@ def find_credentials(
     )
 
 
-def fetch_credentials(source: CredentialSource, *, environ: Mapping[str, str] = os.environ) -> AwsCredentials:
+def fetch_credentials(
+    source: CredentialSource, *, environ: Mapping[str, str] = os.environ, region: Optional[str] = None,
+) -> AwsCredentials:
     """Credentials from exactly this source (used again for renewal)."""
-    return _FETCHERS[source.kind](source.detail, environ)
+    return _FETCHERS[source.kind](source.detail, environ, region)
 
 
 def _default_chain(environ: Mapping[str, str]) -> List[CredentialSource]:
@@ -83,17 +94,20 @@ def _default_chain(environ: Mapping[str, str]) -> List[CredentialSource]:
         chain.append(CredentialSource("container", environ["AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"]))
     elif environ.get("AWS_CONTAINER_CREDENTIALS_FULL_URI"):
         chain.append(CredentialSource("container", environ["AWS_CONTAINER_CREDENTIALS_FULL_URI"]))
-    if environ.get("AWS_ROLE_ARN") and environ.get("AWS_WEB_IDENTITY_TOKEN_FILE"):
-        chain.append(CredentialSource("webidentity", environ["AWS_ROLE_ARN"]))
+    role, token_file = environ.get("AWS_ROLE_ARN", ""), environ.get("AWS_WEB_IDENTITY_TOKEN_FILE", "")
+    if role and token_file:
+        # Record the file too, so the supervisor (another environment) renews from it.
+        plain = " " not in role and " " not in token_file
+        chain.append(CredentialSource("webidentity", f"{role} {token_file}" if plain else role))
     chain.append(CredentialSource("instance"))
     return chain
 
 
-def _from_task_endpoint(uri: str, environ: Mapping[str, str]) -> AwsCredentials:
+def _from_task_endpoint(uri: str, environ: Mapping[str, str], _region: Optional[str] = None) -> AwsCredentials:
     return _get_container_json(ECS_CREDENTIALS_ENDPOINT + uri, headers={}, label=f"awscredsuri {uri}")
 
 
-def _from_container_env(detail: str, environ: Mapping[str, str]) -> AwsCredentials:
+def _from_container_env(detail: str, environ: Mapping[str, str], _region: Optional[str] = None) -> AwsCredentials:
     if detail.startswith("/"):
         return _get_container_json(ECS_CREDENTIALS_ENDPOINT + detail, headers={}, label=f"container credentials {detail}")
     headers = {}
@@ -122,7 +136,7 @@ def _get_container_json(url: str, *, headers: Mapping[str, str], label: str) -> 
         raise CredentialsUnavailable(f"{label} answered without AccessKeyId/SecretAccessKey") from None
 
 
-def _from_profile(name: str, environ: Mapping[str, str]) -> AwsCredentials:
+def _from_profile(name: str, environ: Mapping[str, str], _region: Optional[str] = None) -> AwsCredentials:
     home = environ.get("HOME", "/root")
     creds_file = environ.get("AWS_SHARED_CREDENTIALS_FILE", f"{home}/.aws/credentials")
     config_file = environ.get("AWS_CONFIG_FILE", f"{home}/.aws/config")
@@ -147,25 +161,49 @@ def _from_profile(name: str, environ: Mapping[str, str]) -> AwsCredentials:
     raise CredentialsUnavailable(f"profile {name!r} has no keys in {creds_file} or {config_file}")
 
 
-def _from_web_identity(role_arn: str, environ: Mapping[str, str]) -> AwsCredentials:
+def _from_web_identity(detail: str, environ: Mapping[str, str], region: Optional[str] = None) -> AwsCredentials:
+    """AssumeRoleWithWebIdentity, as efs-utils calls it (rolearn/jwtpath or the AWS_ variables)."""
+    import botocore
+    import botocore.config
+    import botocore.exceptions
     import botocore.session
 
     from efsplug.sigv4 import AwsCredentials
 
-    session = botocore.session.get_session()
-    provider = session.get_component("credential_provider").get_provider("assume-role-with-web-identity")
+    role_arn, _, token_file = detail.partition(" ")
+    token_file = token_file or environ.get("AWS_WEB_IDENTITY_TOKEN_FILE", "")
+    label = f"web identity for {role_arn}"
     try:
-        found = provider.load()
-        frozen = found.get_frozen_credentials() if found else None
-    except Exception as exc:  # STS errors come in many classes; the class name is the useful part
-        raise CredentialsUnavailable(f"web identity for {role_arn}: {type(exc).__name__}") from None
-    if frozen is None:
-        raise CredentialsUnavailable(f"web identity for {role_arn}: AWS_WEB_IDENTITY_TOKEN_FILE gave no credentials")
-    expiry = getattr(found, "_expiry_time", None)
-    return AwsCredentials(frozen.access_key, frozen.secret_key, frozen.token, expiry)
+        token = Path(token_file).read_text().strip() if token_file else ""
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or type(exc).__name__
+        raise CredentialsUnavailable(f"{label}: cannot read token file {token_file} ({reason})") from None
+    if not token:
+        raise CredentialsUnavailable(f"{label}: no token (jwtpath= or AWS_WEB_IDENTITY_TOKEN_FILE names an empty file)")
+    # The call is unsigned: no credential lookup (and no IMDS round trip) to make it.
+    config = botocore.config.Config(signature_version=botocore.UNSIGNED, connect_timeout=TIMEOUT_SECONDS,
+                                    read_timeout=TIMEOUT_SECONDS, retries={"max_attempts": 2})
+    try:
+        client = botocore.session.get_session().create_client(
+            "sts", region_name=region or environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION") or None,
+            endpoint_url=environ.get("AWS_ENDPOINT_URL_STS") or environ.get("AWS_ENDPOINT_URL") or None,
+            config=config,
+        )
+        found = client.assume_role_with_web_identity(
+            RoleArn=role_arn, RoleSessionName=WEB_IDENTITY_SESSION, WebIdentityToken=token,
+        )["Credentials"]
+    except botocore.exceptions.ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "error")
+        raise CredentialsUnavailable(
+            f"{label}: STS refused AssumeRoleWithWebIdentity ({code}); check the role's trust policy "
+            f"and the token in {token_file}"
+        ) from None
+    except (botocore.exceptions.BotoCoreError, KeyError) as exc:
+        raise CredentialsUnavailable(f"{label}: STS did not answer ({type(exc).__name__})") from None
+    return AwsCredentials(found["AccessKeyId"], found["SecretAccessKey"], found["SessionToken"], found.get("Expiration"))
 
 
-def _from_instance_role(_detail: str, environ: Mapping[str, str]) -> AwsCredentials:
+def _from_instance_role(_detail: str, environ: Mapping[str, str], _region: Optional[str] = None) -> AwsCredentials:
     """The instance profile's role, through efsplug's IMDS client (v2, then v1).
 
     botocore's InstanceMetadataFetcher does the same requests, but importing it costs
@@ -179,7 +217,7 @@ def _from_instance_role(_detail: str, environ: Mapping[str, str]) -> AwsCredenti
         ) from None
 
 
-_FETCHERS: Mapping[str, Callable[[str, Mapping[str, str]], AwsCredentials]] = {
+_FETCHERS: Mapping[str, Callable[[str, Mapping[str, str], Optional[str]], AwsCredentials]] = {
     "awscredsuri": _from_task_endpoint,
     "profile": _from_profile,
     "container": _from_container_env,

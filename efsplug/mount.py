@@ -25,7 +25,7 @@ from efsplug.fsutil import atomic_write, ensure_dir
 from efsplug.imds import InstanceMetadata, MetadataUnavailable
 from efsplug.netns import check_namespace
 from efsplug.nfs import NfsMount, mount_nfs
-from efsplug.options import MountRequest, nfs_mount_options, validate_region
+from efsplug.options import MountRequest, nfs_device, nfs_mount_options, parse_ip, validate_region
 from efsplug.resolve import MountTarget, locate_mount_target
 from efsplug.stunnel import TunnelSpec
 from efsplug.tunnel import Tunnel, TunnelError
@@ -96,10 +96,11 @@ def mount_efs(
         return None
     if not request.tls:
         with timings.phase("mount.nfs4"):
-            _mount(request, mount_config, f"{target.address}:{request.path}", nfs_mount_options(request, tunnel_port=None))
+            _mount(request, mount_config, nfs_device(target.address, request.path),
+                   nfs_mount_options(request, tunnel_port=None))
         return None
     with timings.phase("credentials"):
-        identity = _identity(request, environ)
+        identity = _identity(request, environ, region)
     with contextlib.ExitStack() as undo:
         record = _start_tunnel(request, config, mount_config, region, target, identity, timings, now, undo)
         with timings.phase("mount.nfs4"):
@@ -132,13 +133,14 @@ def _check_preconditions(request: MountRequest) -> None:
         check_namespace(request.netns)
 
 
-def _identity(request: MountRequest, environ: Mapping[str, str]) -> Identity:
+def _identity(request: MountRequest, environ: Mapping[str, str], region: str) -> Identity:
     if not request.iam:
         return Identity()
     from efsplug import credentials
     try:
         found, source = credentials.find_credentials(
-            awsprofile=request.awsprofile, awscredsuri=request.awscredsuri, environ=environ
+            awsprofile=request.awsprofile, awscredsuri=request.awscredsuri, rolearn=request.rolearn,
+            jwtpath=request.jwtpath, region=region, environ=environ,
         )
     except credentials.CredentialsUnavailable as exc:
         raise MountFailure(str(exc)) from None
@@ -183,6 +185,7 @@ def _start_tunnel(
             accept_port=reservation.port,
             connect_host=target.address,
             check_host=target.dns_name if mount_config.stunnel_check_cert_hostname else None,
+            sni=target.dns_name if _is_ipv6(target.address) else None,  # as efs-utils does for IPv6 targets
             verify_level=request.verify if request.verify is not None else 2,
             cafile=request.cafile or mount_config.stunnel_cafile,
             cert_file=cert_file,
@@ -297,3 +300,10 @@ def _optional(getter: Callable[[], str]) -> Optional[str]:
         return getter()
     except MetadataUnavailable:
         return None
+
+
+def _is_ipv6(address: str) -> bool:
+    try:
+        return parse_ip(address).version == 6
+    except ValueError:
+        return False  # a DNS name

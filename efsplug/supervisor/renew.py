@@ -55,7 +55,7 @@ def renew_certificate(
             raise RenewalError(f"the record of {record.mountpoint} does not say where its credentials came from")
         try:
             source = CredentialSource.parse(record.credential_source)
-            credentials = fetch_credentials(source, environ=environ)
+            credentials = fetch_credentials(source, environ=environ, region=record.region)
         except ValueError as exc:
             raise RenewalError(str(exc)) from None
         except CredentialsUnavailable as exc:

@@ -195,9 +195,23 @@ def test_web_identity_before_instance_role(imds: ImdsService, moto: MotoServer, 
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     found, source = find_credentials(environ=env_for(imds, home, AWS_ROLE_ARN=role,
                                                      AWS_WEB_IDENTITY_TOKEN_FILE=str(token)))
-    assert (source.kind, source.detail) == ("webidentity", role)
+    assert (source.kind, source.detail) == ("webidentity", f"{role} {token}")  # the file too: renewal needs it
     assert found.access_key_id and found.session_token
     assert found.access_key_id != imds.role_credentials.access_key_id
+
+
+def test_rolearn_and_jwtpath_from_options(imds: ImdsService, moto: MotoServer, home: Path) -> None:
+    """The rolearn=/jwtpath= pair goes to STS itself (moto here), whatever AWS_ROLE_ARN says."""
+    token = home / "jwt"
+    token.write_text("eyJhbGciOi.efsbed.option-token\n")
+    role = "arn:aws:iam::123456789012:role/efsbed-option"
+    env = env_for(imds, home, AWS_ENDPOINT_URL_STS=moto.endpoint_url, AWS_ROLE_ARN="arn:aws:iam::1:role/x")
+    found, source = find_credentials(rolearn=role, jwtpath=str(token), region=REGION, environ=env)
+    assert (source.kind, source.detail) == ("webidentity", f"{role} {token}")
+    assert found.access_key_id and found.session_token and found.expiry is not None
+    assert found.access_key_id != imds.role_credentials.access_key_id
+    again = fetch_credentials(CredentialSource.parse(str(source)), environ=env, region=REGION)
+    assert again.session_token
 
 
 def test_every_source_tried_in_order_when_none_answers(home: Path) -> None:

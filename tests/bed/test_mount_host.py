@@ -31,6 +31,7 @@ from efsplug.nfs import NfsMount, read_tunnel_log, tunnel_diagnosis
 
 FS = "fs-12345678"
 AP = "fsap-0123456789abcdef0"
+ROLE = "arn:aws:iam::123456789012:role/efs-mounter"
 SAFE_ENV = {
     "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
     "LANG": "C.UTF-8",
@@ -154,6 +155,25 @@ OPTION_CASES = [
     ("tls,netns=/proc/../ns/net", "option 'netns' value '/proc/../ns/net' is invalid"),
     ("tls,cafile=ca.pem", "option 'cafile' value 'ca.pem' is invalid"),
     ("bad;name", "mount option name 'bad;name' is invalid"),
+    # efs-utils 3.x options: web identity pairs, exclusions, options it refuses
+    ("tls,notls", "options 'tls' and 'notls' exclude each other; keep one"),
+    ("stunnel=yes", "option 'stunnel' takes no value; write just stunnel"),
+    (f"tls,iam,rolearn={ROLE}", "option 'rolearn' needs 'jwtpath'; add jwtpath=<web identity token file>"),
+    ("tls,iam,jwtpath=/run/token", "option 'jwtpath' needs 'rolearn'; add rolearn=<IAM role ARN>"),
+    (f"tls,rolearn={ROLE},jwtpath=/run/token", "option 'rolearn' requires 'iam'; add iam (and tls) to -o"),
+    (f"tls,iam,awsprofile=dev,rolearn={ROLE},jwtpath=/run/token",
+     "options 'awsprofile' and 'rolearn' exclude each other; keep one"),
+    ("tls,iam,rolearn=arn:aws:iam::123:role/x,jwtpath=/run/token", "option 'rolearn' value"),
+    (f"tls,iam,rolearn={ROLE},jwtpath=run/token", "option 'jwtpath' value 'run/token' is invalid"),
+    ("tls,capath=/etc/ssl/certs", "option 'capath' is not supported (efs-utils refuses it too); give the CA bundle "
+                                  "file with cafile=<file>"),
+    ("azid=use1-az1", "option 'azid' is only for S3 Files mounts"),
+    (f"tls,fsap={AP}", "option 'fsap' is not an EFS option"),
+    ("crossaccount,mounttargetip=127.0.0.1", "options 'mounttargetip' and 'crossaccount' exclude each other"),
+    ("tls,mounttargetip=[::1]", "option 'mounttargetip' value '[::1]' is invalid; use an IPv4 address like 10.0.1.25 "
+                                "or an IPv6 address like 2001:db8::25 (no brackets, no %zone)"),
+    ("tls,mounttargetip=fe80::1%lo", "(no brackets, no %zone)"),
+    ("tls,mounttargetip=::1:2049:x", "option 'mounttargetip' value '::1:2049:x' is invalid"),
     # Injection attempts: nothing may reach the tunnel configuration.
     ("tls,cafile=/etc/ca.pem\nexec=/bin/sh", "contains a control or non-printable character"),
     ("tls,cafile=/etc/x=y", "option 'cafile' value '/etc/x=y' is invalid"),
@@ -270,6 +290,13 @@ def test_mount_point_missing(host: Host) -> None:
     nothing_left(host)
 
 
+def test_web_identity_token_file_missing(host: Host) -> None:
+    """rolearn/jwtpath is the only source tried: no silent fall back to another identity."""
+    res = host.run(mount_args(host, f"tls,iam,rolearn={ROLE},jwtpath={host.root}/no-token,mounttargetip=127.0.0.1"))
+    refused(res, 32, f"web identity for {ROLE}: cannot read token file {host.root}/no-token (No such file or directory)")
+    nothing_left(host)
+
+
 @pytest.mark.parametrize("netns, message", [
     ("/run/netns/efsplug-no-such-ns", "netns /run/netns/efsplug-no-such-ns: No such file or directory"),
     ("/proc/self/ns/uts", "netns '/proc/self/ns/uts' is not a network namespace"),
@@ -302,7 +329,8 @@ def started_and_gone(started: Path) -> List[int]:
 @pytest.mark.parametrize("options, home_profile", [
     ("tls,mounttargetip=127.0.0.1", False),
     (f"tls,iam,awsprofile=default,accesspoint={AP},mounttargetip=127.0.0.1", True),
-], ids=["tls", "tls-iam-accesspoint"])
+    ("tls,stunnel,mounttargetip=::1", False),  # stunnel must accept the IPv6 connect line it is given
+], ids=["tls", "tls-iam-accesspoint", "tls-ipv6-target"])
 def test_failed_kernel_mount_after_tunnel_cleans_up(host: Host, traced_stunnel: Path, options: str,
                                                     home_profile: bool) -> None:
     """Real: the tunnel starts (and listens), then the host kernel refuses NFS ("No such device")."""

@@ -3,28 +3,35 @@
 Parsing is pure (``parse_config``); ``load_config`` only reads the file.  Bad
 values stop with a ConfigError that names file, section, key, value and fix;
 unknown keys are reported as warnings so a config written for a newer
-efs-utils still works.
+efs-utils still works. Every key of efs-utils 3.2 is known (a stock file loads
+without a warning); docs/efs-utils-compat.md says which ones efsplug acts on.
 """
 
 from __future__ import annotations
 
 import configparser
 import os
+import re
 import string
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional
 
 from efsplug.errors import ConfigError, shown
-from efsplug.options import REGION_RE, SAFE_PATH_RE
+from efsplug.optionvalues import REGION_RE, SAFE_PATH_RE
 
 DEFAULT_CONFIG_PATH = Path("/etc/amazon/efs/efs-utils.conf")
 CONFIG_ENV = "EFSPLUG_CONFIG"
 DNS_FORMAT_FIELDS = frozenset({"az", "fs_id", "region", "dns_name_suffix"})
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-# Sections and keys efs-utils ships that efsplug has no use for: accepted silently.
-IGNORED_SECTIONS = frozenset({"client-info", "cloudwatch-log"})
-IGNORED_MOUNT_KEYS = frozenset({"stunnel_logs_file", "optimize_readahead", "disable_fetch_ec2_metadata_token"})
+# efs-proxy's own section (logging, S3 Files read bypass): efsplug runs no efs-proxy.
+IGNORED_SECTIONS = frozenset({"proxy"})
+FARGATE_SOURCE = "ecs.fargate"  # [client-info] source that makes efs-utils read [mount] az_id
+AZ_ID_RE = re.compile(r"[a-z]{2,5}[0-9]{1,2}-az[0-9]{1,2}")
+LOG_GROUP_RE = re.compile(r"[A-Za-z0-9._/#-]{1,512}")
+# The values CloudWatch Logs takes for a retention policy.
+RETENTION_DAYS = (1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922,
+                  3288, 3653)
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,14 @@ class MountConfig:
     retry_nfs_mount_command: bool = True
     retry_nfs_mount_command_count: int = 3
     retry_nfs_mount_command_timeout_sec: int = 15
+    az_id: Optional[str] = None  # this host's AZ id; efs-utils reads it for ECS Fargate clients only
+    # Known efs-utils keys that change nothing here (docs/efs-utils-compat.md says why).
+    stunnel_logs_file: Optional[str] = None
+    optimize_readahead: bool = False
+    disable_fetch_ec2_metadata_token: bool = False
+    prefer_ipv4: bool = False
+    url_request_timeout_sec: Optional[float] = None
+    efs_proxy_worker_threads: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -61,10 +76,28 @@ class WatchdogConfig:
     tls_cert_renewal_interval_min: int = 60
     stunnel_health_check_enabled: bool = True
     stunnel_health_check_interval_min: int = 5
+    # Read, not acted on: efsplug's checks run no command and need no repeated sightings.
+    stunnel_health_check_command_timeout_sec: int = 30
+    unmount_count_for_consistency: int = 5
     # efsplug additions: a finer renewal interval (overrides the _min key when set), and
     # the ECS cleanup wait in seconds (overrides ECS_ENGINE_TASK_CLEANUP_WAIT_DURATION).
     tls_cert_renewal_interval_sec: Optional[int] = None
     cleanup_wait_sec: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class ClientInfoConfig:
+    source: Optional[str] = None  # who mounts (ecs, k8s, ...): efs-utils and efsplug put it in the certificate
+
+
+@dataclass(frozen=True)
+class CloudWatchLogConfig:
+    """Parsed and checked; shipping mount logs to CloudWatch Logs is not implemented yet."""
+
+    enabled: bool = False
+    log_group_name: str = "/aws/efs/utils"
+    retention_in_days: Optional[int] = None  # None: no retention policy (the logs never expire)
+    log_stream_name: Optional[str] = None  # None: efs-utils' "<fs-id> - <instance-id> - mount.log"
 
 
 @dataclass(frozen=True)
@@ -80,8 +113,15 @@ class Config:
     mount: MountConfig = field(default_factory=MountConfig)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     efsplug: EfsplugConfig = field(default_factory=EfsplugConfig)
+    client_info: ClientInfoConfig = field(default_factory=ClientInfoConfig)
+    cloudwatch_log: CloudWatchLogConfig = field(default_factory=CloudWatchLogConfig)
     region_mounts: Mapping[str, MountConfig] = field(default_factory=dict)
     source: str = "<defaults>"
+
+    @property
+    def fargate_az_id(self) -> Optional[str]:
+        """[mount] az_id, which efs-utils uses instead of instance metadata on ECS Fargate only."""
+        return self.mount.az_id if self.client_info.source == FARGATE_SOURCE else None
 
     def mount_for_region(self, region: Optional[str]) -> MountConfig:
         """[mount] with the [mount.<region>] overrides applied."""
@@ -142,6 +182,48 @@ def _command(text: str) -> str:
     return text
 
 
+def _logs_file(text: str) -> str:
+    # efs-utils puts the file system id where {fs_id} stands.
+    _path(text.replace("{fs_id}", "fs-0"))
+    return text
+
+
+def _seconds(text: str) -> float:
+    if not re.fullmatch(r"[0-9]{1,4}(?:\.[0-9]{1,3})?", text) or not 0 < float(text) <= 3600:
+        raise ValueError("use a number of seconds above 0 and up to 3600, like 1 or 0.5")
+    return float(text)
+
+
+def _az_id(text: str) -> str:
+    if not AZ_ID_RE.fullmatch(text):
+        raise ValueError("use an availability zone id like use1-az1")
+    return text
+
+
+def _client_source(text: str) -> str:
+    if not 0 < len(text) <= 100:  # efs-utils' limit
+        raise ValueError("use 1 to 100 characters, like ecs")
+    return text
+
+
+def _log_group(text: str) -> str:
+    if not LOG_GROUP_RE.fullmatch(text.replace("{fs_id}", "fs-0")):
+        raise ValueError("use a log group name of letters, digits and ._/#- ({fs_id} allowed)")
+    return text
+
+
+def _log_stream(text: str) -> str:
+    if not 0 < len(text) <= 512 or ":" in text or "*" in text:
+        raise ValueError("use 1 to 512 characters without ':' or '*'")
+    return text
+
+
+def _retention(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or int(text) not in RETENTION_DAYS:
+        raise ValueError("use one of " + ", ".join(str(d) for d in RETENTION_DAYS))
+    return int(text)
+
+
 def _region(text: str) -> str:
     if not REGION_RE.fullmatch(text):
         raise ValueError("use a region name like us-east-1")
@@ -185,18 +267,31 @@ CONVERTERS: Dict[type, Dict[str, Callable[[str], object]]] = {
         "port_range_lower_bound": _int(1, 65535), "port_range_upper_bound": _int(1, 65536),
         "fips_mode_enabled": _bool, "fall_back_to_mount_target_ip_address_enabled": _bool,
         "retry_nfs_mount_command": _bool, "retry_nfs_mount_command_count": _int(1, 100),
-        "retry_nfs_mount_command_timeout_sec": _int(1, 3600),
+        "retry_nfs_mount_command_timeout_sec": _int(1, 3600), "az_id": _az_id,
+        "stunnel_logs_file": _logs_file, "optimize_readahead": _bool, "disable_fetch_ec2_metadata_token": _bool,
+        "prefer_ipv4": _bool, "url_request_timeout_sec": _seconds, "efs_proxy_worker_threads": _int(1, 1024),
     },
     WatchdogConfig: {
         "enabled": _bool, "poll_interval_sec": _int(1, 3600), "unmount_grace_period_sec": _int(0),
         "tls_cert_renewal_interval_min": _int(1, 1440), "stunnel_health_check_enabled": _bool,
         "stunnel_health_check_interval_min": _int(1, 1440),
         "tls_cert_renewal_interval_sec": _int(1, 86400), "cleanup_wait_sec": _int(1),
+        "stunnel_health_check_command_timeout_sec": _int(1, 3600), "unmount_count_for_consistency": _int(1, 1000),
+    },
+    ClientInfoConfig: {"source": _client_source},
+    CloudWatchLogConfig: {
+        "enabled": _bool, "log_group_name": _log_group, "retention_in_days": _retention, "log_stream_name": _log_stream,
     },
     EfsplugConfig: {"state_dir": _path, "stunnel": _command, "cert_lifetime_min": _int(20, 1440)},
 }
-SECTIONS = {"DEFAULT": DefaultConfig, "mount": MountConfig, "mount-watchdog": WatchdogConfig, "efsplug": EfsplugConfig}
-ATTRS = {"DEFAULT": "default", "mount": "mount", "mount-watchdog": "watchdog", "efsplug": "efsplug"}
+SECTIONS = {
+    "DEFAULT": DefaultConfig, "mount": MountConfig, "mount-watchdog": WatchdogConfig, "efsplug": EfsplugConfig,
+    "client-info": ClientInfoConfig, "cloudwatch-log": CloudWatchLogConfig,
+}
+ATTRS = {
+    "DEFAULT": "default", "mount": "mount", "mount-watchdog": "watchdog", "efsplug": "efsplug",
+    "client-info": "client_info", "cloudwatch-log": "cloudwatch_log",
+}
 
 
 def _section(base, name: str, items: Mapping[str, str], source: str, warnings: List[str]):
@@ -205,8 +300,7 @@ def _section(base, name: str, items: Mapping[str, str], source: str, warnings: L
     values = {}
     for key, raw in items.items():
         if key not in converters:
-            if not (kind is MountConfig and key in IGNORED_MOUNT_KEYS):
-                warnings.append(f"{source}: [{name}] unknown key '{key}' ignored; check its spelling")
+            warnings.append(f"{source}: [{name}] unknown key '{key}' ignored; check its spelling")
             continue
         try:
             if not raw.isprintable():

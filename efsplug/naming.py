@@ -16,6 +16,7 @@ _PARTITION_SUFFIXES = (
     ("us-isob-", "sc2s.sgov.gov"),
     ("us-isof-", "csp.hci.ic.gov"),
     ("eu-isoe-", "cloud.adc-e.uk"),
+    ("eusc-", "amazonaws.eu"),
     ("us-iso-", "c2s.ic.gov"),
     ("cn-", "amazonaws.com.cn"),
 )

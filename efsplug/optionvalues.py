@@ -15,8 +15,9 @@ from efsplug.errors import UsageError, shown
 
 FS_ID_RE = re.compile(r"fs-(?:[0-9a-f]{8}|[0-9a-f]{17})")
 ACCESS_POINT_RE = re.compile(r"fsap-[0-9a-f]{17}")
-REGION_RE = re.compile(r"[a-z]{2}(?:-[a-z]+)+-[0-9]{1,2}")
-AZ_RE = re.compile(r"[a-z]{2}(?:-[a-z]+)+-[0-9]{1,2}[a-z]")
+# Two letters, or four for the European Sovereign Cloud (eusc-de-east-1).
+REGION_RE = re.compile(r"(?:[a-z]{2}|eusc)(?:-[a-z]+)+-[0-9]{1,2}")
+AZ_RE = re.compile(REGION_RE.pattern + "[a-z]")
 PROFILE_RE = re.compile(r"[A-Za-z0-9_.+@-]+")
 CREDS_URI_RE = re.compile(r"/[A-Za-z0-9._~/-]*")
 SAFE_PATH_RE = re.compile(r"/[A-Za-z0-9._+@/-]*")

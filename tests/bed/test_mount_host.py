@@ -246,6 +246,15 @@ CONFIG_CASES = [
     ({"tail": "[mount.useast1]\nregion = us-east-1\n"}, "section [mount.useast1] does not name a region"),
     ({"tail": "[DEFAULT]\nstate_file_dir_mode = 799\n"}, "state_file_dir_mode = '799' is invalid"),
     ({"tail": "[mount\n"}, "cannot parse"),
+    # efs-utils 3.x keys
+    ({"az_id": "us-east-1a"}, "[mount] az_id = 'us-east-1a' is invalid; use an availability zone id like use1-az1"),
+    ({"disable_fetch_ec2_metadata_token": "maybe"}, "disable_fetch_ec2_metadata_token = 'maybe' is invalid"),
+    ({"stunnel_logs_file": "/var/log/{fs_id}\n  exec = /bin/sh"}, "is invalid; remove the control characters"),
+    ({"tail": "[mount-watchdog]\nunmount_count_for_consistency = 0\n"}, "unmount_count_for_consistency = '0' is invalid"),
+    ({"tail": "[mount-watchdog]\nstunnel_health_check_command_timeout_sec = x\n"},
+     "stunnel_health_check_command_timeout_sec = 'x' is invalid"),
+    ({"tail": "[client-info]\nsource = " + "k" * 101 + "\n"}, "[client-info] source = 'kkk"),
+    ({"tail": "[cloudwatch-log]\nretention_in_days = 15\n"}, "[cloudwatch-log] retention_in_days = '15' is invalid"),
 ]
 
 
@@ -263,6 +272,19 @@ def test_bad_config_value_is_refused(host: Host, change: Dict[str, str], message
 def test_config_not_utf8(host: Host) -> None:
     host.config.write_bytes(b"[mount]\nregion = us-east-1\xff\n")
     refused(host.run(mount_args(host, "tls")), 1, "is not UTF-8 text")
+
+
+def test_stock_efs_utils_keys_load_without_a_warning(host: Host) -> None:
+    """The keys an efs-utils 3.2 file carries beyond the base config: no warning, no effect on -f."""
+    host.write_config({"optimize_readahead": "true", "disable_fetch_ec2_metadata_token": "false",
+                       "stunnel_logs_file": "/var/log/amazon/efs/{fs_id}.stunnel.log"},
+                      tail="[mount-watchdog]\nunmount_count_for_consistency = 5\n"
+                           "stunnel_health_check_command_timeout_sec = 30\n[client-info]\nsource = ecs\n"
+                           "[cloudwatch-log]\nenabled = false\nlog_group_name = /aws/efs/utils\nretention_in_days = 14\n"
+                           "[proxy]\nproxy_logging_level = INFO\n")
+    res = host.run(["-f", *mount_args(host, "tls,mounttargetip=127.0.0.1")])
+    assert (res.returncode, res.stderr) == (0, "")
+    nothing_left(host)
 
 
 def test_unknown_key_is_a_warning_not_an_error(host: Host) -> None:

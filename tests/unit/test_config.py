@@ -9,7 +9,10 @@ import pytest
 from efsplug.config import (
     CONFIG_ENV,
     DEFAULT_CONFIG_PATH,
+    ClientInfoConfig,
+    CloudWatchLogConfig,
     Config,
+    DefaultConfig,
     MountConfig,
     load_config,
     parse_config,
@@ -65,6 +68,142 @@ state_dir = /run/efsplug
 stunnel = /usr/bin/stunnel4
 cert_lifetime_min = 120
 """
+
+
+# Every key of efs-utils 3.2's stock efs-utils.conf with its shipped value (commented-out
+# keys written in, as operators uncomment them), and the 3.x keys its code reads beyond that.
+STOCK_EFS_UTILS_3_2 = """\
+[DEFAULT]
+logging_level = INFO
+logging_max_bytes = 1048576
+logging_file_count = 10
+state_file_dir_mode = 750
+
+[mount]
+dns_name_format = {az}.{fs_id}.efs.{region}.{dns_name_suffix}
+dns_name_suffix = amazonaws.com
+region = us-east-1
+stunnel_debug_enabled = false
+stunnel_logs_file = /var/log/amazon/efs/{fs_id}.stunnel.log
+stunnel_cafile = /etc/amazon/efs/efs-utils.crt
+stunnel_check_cert_hostname = true
+stunnel_check_cert_validity = false
+fips_mode_enabled = false
+port_range_lower_bound = 20049
+port_range_upper_bound = 21049
+optimize_readahead = true
+fall_back_to_mount_target_ip_address_enabled = true
+disable_fetch_ec2_metadata_token = false
+retry_nfs_mount_command = true
+retry_nfs_mount_command_count = 3
+retry_nfs_mount_command_timeout_sec = 15
+az_id = use1-az4
+prefer_ipv4 = false
+url_request_timeout_sec = 1
+efs_proxy_worker_threads = 4
+
+[mount.cn-north-1]
+dns_name_suffix = amazonaws.com.cn
+
+[mount.cn-northwest-1]
+dns_name_suffix = amazonaws.com.cn
+
+[mount.eu-isoe-west-1]
+dns_name_suffix = cloud.adc-e.uk
+stunnel_cafile = /etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem
+
+[mount.eusc-de-east-1]
+dns_name_suffix = amazonaws.eu
+stunnel_cafile = /etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem
+
+[mount.us-iso-east-1]
+dns_name_suffix = c2s.ic.gov
+stunnel_cafile = /etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem
+
+[mount.us-iso-west-1]
+dns_name_suffix = c2s.ic.gov
+stunnel_cafile = /etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem
+
+[mount.us-isob-east-1]
+dns_name_suffix = sc2s.sgov.gov
+stunnel_cafile = /etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem
+
+[mount.us-isob-west-1]
+dns_name_suffix = sc2s.sgov.gov
+stunnel_cafile = /etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem
+
+[mount.us-isof-east-1]
+dns_name_suffix = csp.hci.ic.gov
+stunnel_cafile = /etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem
+
+[mount.us-isof-south-1]
+dns_name_suffix = csp.hci.ic.gov
+stunnel_cafile = /etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem
+
+[mount-watchdog]
+enabled = true
+poll_interval_sec = 1
+unmount_count_for_consistency = 5
+unmount_grace_period_sec = 30
+tls_cert_renewal_interval_min = 60
+stunnel_health_check_enabled = true
+stunnel_health_check_interval_min = 5
+stunnel_health_check_command_timeout_sec = 30
+
+[client-info]
+source = ecs.fargate
+
+[cloudwatch-log]
+enabled = false
+log_group_name = /aws/efs/utils
+retention_in_days = 14
+log_stream_name = fs-12345678 - i-0123456789abcdef0 - mount.log
+
+[proxy]
+proxy_logging_level = INFO
+proxy_logging_max_bytes = 1048576
+proxy_logging_file_count = 10
+"""
+
+
+def test_stock_efs_utils_3_2_file_loads_without_a_warning(tmp_path: Path) -> None:
+    conf = tmp_path / "efs-utils.conf"
+    conf.write_text(STOCK_EFS_UTILS_3_2)
+    loaded = load_config(conf, environ={})
+    assert loaded.warnings == []
+    c = loaded.config
+    assert c.default == DefaultConfig()
+    m = c.mount
+    assert (m.region, m.dns_name_suffix, m.port_range_upper_bound, m.fips_mode_enabled) == (
+        "us-east-1", "amazonaws.com", 21049, False)
+    assert m.stunnel_logs_file == "/var/log/amazon/efs/{fs_id}.stunnel.log"
+    assert (m.optimize_readahead, m.disable_fetch_ec2_metadata_token, m.prefer_ipv4) == (True, False, False)
+    assert (m.az_id, m.url_request_timeout_sec, m.efs_proxy_worker_threads) == ("use1-az4", 1.0, 4)
+    assert (m.retry_nfs_mount_command, m.retry_nfs_mount_command_count, m.retry_nfs_mount_command_timeout_sec) == (
+        True, 3, 15)
+    w = c.watchdog
+    assert (w.unmount_count_for_consistency, w.stunnel_health_check_command_timeout_sec) == (5, 30)
+    assert (w.enabled, w.poll_interval_sec, w.unmount_grace_period_sec, w.tls_cert_renewal_interval_min) == (
+        True, 1, 30, 60)
+    assert c.client_info == ClientInfoConfig(source="ecs.fargate")
+    assert c.fargate_az_id == "use1-az4"
+    assert c.cloudwatch_log == CloudWatchLogConfig(
+        enabled=False, log_group_name="/aws/efs/utils", retention_in_days=14,
+        log_stream_name="fs-12345678 - i-0123456789abcdef0 - mount.log")
+    assert sorted(c.region_mounts) == [
+        "cn-north-1", "cn-northwest-1", "eu-isoe-west-1", "eusc-de-east-1", "us-iso-east-1", "us-iso-west-1",
+        "us-isob-east-1", "us-isob-west-1", "us-isof-east-1", "us-isof-south-1"]
+    iso = c.mount_for_region("us-isof-south-1")
+    assert (iso.dns_name_suffix, iso.stunnel_cafile) == (
+        "csp.hci.ic.gov", "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem")
+    assert iso.az_id == "use1-az4"  # the rest inherited from [mount]
+
+
+def test_az_id_counts_only_for_fargate_clients() -> None:
+    assert parse_config("[mount]\naz_id = use1-az1\n").config.fargate_az_id is None
+    ecs = parse_config("[mount]\naz_id = use1-az1\n[client-info]\nsource = ecs\n").config
+    assert (ecs.fargate_az_id, ecs.client_info.source) == (None, "ecs")
+    assert parse_config("[client-info]\nsource = ecs.fargate\n").config.fargate_az_id is None
 
 
 def test_defaults_match_efs_utils() -> None:
@@ -162,6 +301,31 @@ BAD_CASES = [
     ("[efsplug]\nstunnel = stunnel;rm\n", "[efsplug] stunnel = 'stunnel;rm' is invalid; use a program name or absolute path"),
     ("[efsplug]\ncert_lifetime_min = 5\n", "cert_lifetime_min = '5' is invalid; use a whole number from 20 to 1440"),
     ("[mount.moon]\nregion = us-east-1\n", "section [mount.moon] does not name a region"),
+    # efs-utils 3.x keys efsplug reads
+    ("[mount]\naz_id = us-east-1a\n", "[mount] az_id = 'us-east-1a' is invalid; use an availability zone id like use1-az1"),
+    ("[mount]\ndisable_fetch_ec2_metadata_token = sometimes\n", "disable_fetch_ec2_metadata_token = 'sometimes' is "
+                                                                "invalid; use true or false"),
+    ("[mount]\noptimize_readahead = 2\n", "optimize_readahead = '2' is invalid; use true or false"),
+    ("[mount]\nprefer_ipv4 = v4\n", "prefer_ipv4 = 'v4' is invalid"),
+    ("[mount]\nstunnel_logs_file = logs/{fs_id}.log\n", "stunnel_logs_file = 'logs/{fs_id}.log' is invalid; use an "
+                                                         "absolute path"),
+    ("[mount]\nstunnel_logs_file = /var/log/{fs_id}=x\n", "stunnel_logs_file"),
+    ("[mount]\nurl_request_timeout_sec = 0\n", "url_request_timeout_sec = '0' is invalid; use a number of seconds "
+                                                "above 0 and up to 3600, like 1 or 0.5"),
+    ("[mount]\nurl_request_timeout_sec = 1e3\n", "url_request_timeout_sec = '1e3' is invalid"),
+    ("[mount]\nefs_proxy_worker_threads = 0\n", "efs_proxy_worker_threads = '0' is invalid; use a whole number from 1"),
+    ("[mount-watchdog]\nunmount_count_for_consistency = 0\n", "[mount-watchdog] unmount_count_for_consistency = '0' is "
+                                                              "invalid; use a whole number from 1 to 1000"),
+    ("[mount-watchdog]\nstunnel_health_check_command_timeout_sec = -5\n", "stunnel_health_check_command_timeout_sec = "
+                                                                          "'-5' is invalid"),
+    ("[client-info]\nsource = " + "x" * 101 + "\n", "[client-info] source = 'xxx"),
+    ("[client-info]\nsource =\n", "[client-info] source = '' is invalid; use 1 to 100 characters, like ecs"),
+    ("[cloudwatch-log]\nenabled = yes please\n", "[cloudwatch-log] enabled = 'yes please' is invalid; use true or false"),
+    ("[cloudwatch-log]\nretention_in_days = 10\n", "[cloudwatch-log] retention_in_days = '10' is invalid; use one of "
+                                                    "1, 3, 5, 7, 14, 30"),
+    ("[cloudwatch-log]\nlog_group_name = efs utils\n", "log_group_name = 'efs utils' is invalid; use a log group name"),
+    ("[cloudwatch-log]\nlog_stream_name = a:b\n", "log_stream_name = 'a:b' is invalid; use 1 to 512 characters "
+                                                   "without ':' or '*'"),
     ("region = us-east-1\n", "cannot parse (File contains no section headers."),
     ("[mount]\nregion = us-east-1\nregion = us-east-2\n", "cannot parse (While reading from"),
     ("[mount]\n[mount]\n", "fix the file's INI syntax"),

@@ -56,7 +56,8 @@ def test_result_too_long_is_rejected() -> None:
         dns_name(FS, "ap-southeast-2", config=config)
 
 
-@pytest.mark.parametrize("bad", ["", "US-EAST-1", "us-east", "us-east-1\n", "us_east_1", "us-east-1.evil.com", "../1"])
+@pytest.mark.parametrize("bad", ["", "US-EAST-1", "us-east", "us-east-1\n", "us_east_1", "us-east-1.evil.com", "../1",
+                                 "euro-de-east-1"])
 def test_bad_regions_rejected(bad: str) -> None:
     with pytest.raises(UsageError, match="region"):
         validate_region(bad)
@@ -64,7 +65,8 @@ def test_bad_regions_rejected(bad: str) -> None:
         dns_name(FS, bad, config=Config())
 
 
-@pytest.mark.parametrize("good", ["us-east-1", "ap-southeast-2", "us-gov-west-1", "cn-north-1", "eu-isoe-west-1", "il-central-1"])
+@pytest.mark.parametrize("good", ["us-east-1", "ap-southeast-2", "us-gov-west-1", "cn-north-1", "eu-isoe-west-1", "il-central-1",
+                                  "eusc-de-east-1"])
 def test_good_regions(good: str) -> None:
     assert validate_region(good) == good
 
@@ -86,3 +88,4 @@ def test_default_suffix_by_partition() -> None:
     assert default_suffix("cn-north-1") == "amazonaws.com.cn"
     assert default_suffix("eu-isoe-west-1") == "cloud.adc-e.uk"
     assert default_suffix("us-isof-south-1") == "csp.hci.ic.gov"
+    assert default_suffix("eusc-de-east-1") == "amazonaws.eu"  # European Sovereign Cloud

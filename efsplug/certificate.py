@@ -175,6 +175,7 @@ def certificate_request(
     access_point: Optional[str] = None,
     credentials: Optional[AwsCredentials] = None,
     lifetime: timedelta = DEFAULT_LIFETIME,
+    client_source: Optional[str] = None,
 ) -> CertificateRequest:
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware (UTC)")
@@ -188,6 +189,7 @@ def certificate_request(
         signed_at=now,
         access_point=access_point,
         credentials=credentials,
+        client_source=client_source or CertificateRequest.client_source,  # [client-info] source, as efs-utils
     )
 
 

@@ -82,14 +82,19 @@ def mount_efs(
     with timings.phase("resolve"):
         region = find_region(request, config, environ, imds)
         mount_config = config.mount_for_region(region)
-        dns_name = naming.dns_name(request.fs_id, region, az=request.az, config=config)
+        if request.crossaccount:
+            dns_name = naming.crossaccount_dns_name(request.fs_id, region, _crossaccount_az_id(config, imds),
+                                                    config=config)
+        else:
+            dns_name = naming.dns_name(request.fs_id, region, az=request.az, config=config)
         target = locate_mount_target(
             fs_id=request.fs_id,
             region=region,
             dns_name=dns_name,
             mounttargetip=request.mounttargetip,
-            availability_zone_id=lambda: _optional(imds.availability_zone_id),
-            fallback_enabled=mount_config.fall_back_to_mount_target_ip_address_enabled,
+            availability_zone_id=lambda: config.fargate_az_id or _optional(imds.availability_zone_id),
+            # efs-utils never falls back to a looked-up IP for crossaccount: the API is the other account's.
+            fallback_enabled=mount_config.fall_back_to_mount_target_ip_address_enabled and not request.crossaccount,
             environ=environ,
         )
     if request.fake:
@@ -122,6 +127,19 @@ def find_region(request: MountRequest, config: Config, environ: Mapping[str, str
         return validate_region(imds.region())
     except MetadataUnavailable as exc:
         raise MountFailure(f"no region: pass -o region=<region> or set region in efs-utils.conf ({exc})") from None
+
+
+def _crossaccount_az_id(config: Config, imds: InstanceMetadata) -> str:
+    """This host's AZ id, which names the other account's mount target in the same zone."""
+    if config.fargate_az_id:
+        return config.fargate_az_id
+    try:
+        return imds.availability_zone_id()
+    except MetadataUnavailable as exc:
+        raise MountFailure(
+            f"crossaccount needs this instance's availability zone id and instance metadata did not give it ({exc}); "
+            "make IMDS reachable (hop limit 2 in containers)"
+        ) from None
 
 
 def _check_preconditions(request: MountRequest) -> None:
@@ -239,7 +257,7 @@ def _write_certificate(
     cert_request = certificate.certificate_request(
         fs_id=request.fs_id, region=region, hostname=socket.gethostname(), now=when,
         access_point=request.accesspoint, credentials=identity.credentials,
-        lifetime=timedelta(minutes=config.efsplug.cert_lifetime_min),
+        lifetime=timedelta(minutes=config.efsplug.cert_lifetime_min), client_source=config.client_info.source,
     )
     cert_path = mount_dir / "certificate.pem"
     atomic_write(cert_path, certificate.certificate_pem(certificate.build_certificate(key, cert_request)), 0o600)

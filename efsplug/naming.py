@@ -57,3 +57,14 @@ def dns_name(fs_id: str, region: str, *, az: Optional[str] = None, config: Confi
             f"valid host name; fix dns_name_format or dns_name_suffix in {config.source}"
         )
     return name
+
+
+def crossaccount_dns_name(fs_id: str, region: str, az_id: str, *, config: Config) -> str:
+    """``{az_id}.{fs_id}.efs.{region}.{suffix}``: how efs-utils reaches a file system of another account."""
+    validate_region(region)
+    mount = config.mount_for_region(region)
+    name = f"{az_id}.{fs_id}.efs.{region}.{mount.dns_name_suffix or default_suffix(region)}"
+    if not is_dns_name(name):
+        raise ConfigError(f"crossaccount DNS name {shown(name)} is not a valid host name; check the AZ id and "
+                          f"dns_name_suffix in {config.source}")
+    return name

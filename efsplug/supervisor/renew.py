@@ -64,7 +64,7 @@ def renew_certificate(
     request = certificate.certificate_request(
         fs_id=record.fs_id, region=record.region, hostname=socket.gethostname(), now=now,
         access_point=record.access_point, credentials=credentials,
-        lifetime=timedelta(minutes=config.efsplug.cert_lifetime_min),
+        lifetime=timedelta(minutes=config.efsplug.cert_lifetime_min), client_source=config.client_info.source,
     )
     cert = certificate.build_certificate(key, request)
     target = mount_dir(record, state_dir) / CERT_FILE

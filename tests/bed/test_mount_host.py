@@ -312,6 +312,13 @@ def test_mount_point_missing(host: Host) -> None:
     nothing_left(host)
 
 
+def test_crossaccount_without_instance_metadata(host: Host) -> None:
+    """crossaccount names the target by this instance's AZ id; without IMDS there is none to use."""
+    res = host.run(mount_args(host, "tls,crossaccount"))
+    refused(res, 32, "crossaccount needs this instance's availability zone id and instance metadata did not give it")
+    nothing_left(host)
+
+
 def test_web_identity_token_file_missing(host: Host) -> None:
     """rolearn/jwtpath is the only source tried: no silent fall back to another identity."""
     res = host.run(mount_args(host, f"tls,iam,rolearn={ROLE},jwtpath={host.root}/no-token,mounttargetip=127.0.0.1"))

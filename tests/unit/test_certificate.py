@@ -62,6 +62,14 @@ def test_certificate_request_window_and_names() -> None:
     assert _request(lifetime=timedelta(minutes=30)).not_after == NOW + timedelta(minutes=30)
 
 
+def test_client_source_from_client_info(key: rsa.RSAPrivateKey) -> None:
+    """[client-info] source travels in 4843.7.4, as with efs-utils; unset, efsplug names itself."""
+    cert = certificate.build_certificate(key, _request(client_source="ecs"))
+    _, info = single(_ext(cert, "1.3.6.1.4.1.4843.7.4").value.value)
+    assert der_children(info)[0] == (0x0C, b"ecs")
+    assert _request(client_source=None).client_source == "efsplug"
+
+
 def test_common_name_truncated_to_64_and_never_empty() -> None:
     long_name = "a" * 63 + "bcdef.example.com"
     assert _request(hostname=long_name).common_name == long_name[:64]

@@ -8,7 +8,7 @@ import pytest
 
 from efsplug.config import Config, parse_config
 from efsplug.errors import ConfigError, UsageError
-from efsplug.naming import default_suffix, dns_name, is_dns_name, validate_region
+from efsplug.naming import crossaccount_dns_name, default_suffix, dns_name, is_dns_name, validate_region
 
 FS = "fs-0123456789abcdef0"
 
@@ -89,3 +89,14 @@ def test_default_suffix_by_partition() -> None:
     assert default_suffix("eu-isoe-west-1") == "cloud.adc-e.uk"
     assert default_suffix("us-isof-south-1") == "csp.hci.ic.gov"
     assert default_suffix("eusc-de-east-1") == "amazonaws.eu"  # European Sovereign Cloud
+
+
+def test_crossaccount_name_is_az_id_based_whatever_dns_name_format_says() -> None:
+    config = parse_config("[mount]\ndns_name_format = {fs_id}.custom.{region}.{dns_name_suffix}\n"
+                          "[mount.cn-north-1]\ndns_name_suffix = amazonaws.com.cn\n").config
+    assert crossaccount_dns_name(FS, "us-east-1", "use1-az4", config=config) == f"use1-az4.{FS}.efs.us-east-1.amazonaws.com"
+    assert crossaccount_dns_name(FS, "cn-north-1", "cnn1-az1", config=config).endswith(".efs.cn-north-1.amazonaws.com.cn")
+    with pytest.raises(ConfigError, match="crossaccount DNS name 'use1_az4.fs-"):
+        crossaccount_dns_name(FS, "us-east-1", "use1_az4", config=config)
+    with pytest.raises(UsageError, match="region"):
+        crossaccount_dns_name(FS, "moon", "use1-az4", config=config)

@@ -4,6 +4,8 @@ Policy choices (documented here because users will hit them):
 - A typed option given twice: the last one wins, as with mount(8) and mount.nfs.
 - Options that only mount(8)/systemd understand (``_netdev``, ``nofail``,
   ``noauto``, ``x-*`` ...) are accepted from fstab and dropped, never sent to NFS.
+- Every efs-utils 3.2 option is typed, taken as a no-op, or refused with the reason
+  (the catalogue is in ``optionvalues``; docs/efs-utils-compat.md is the table).
 - Every name and value is refused if it holds a control or otherwise
   non-printable character; values that can reach the tunnel configuration or
   a URL are checked by strict patterns, so ``=``, ``[`` or a newline can never
@@ -16,15 +18,12 @@ from dataclasses import dataclass, fields
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from efsplug.errors import UsageError, shown
-from efsplug.optionvalues import (  # noqa: F401  (REGION_RE, SAFE_PATH_RE, validate_region: public here)
-    EFS_OPTIONS,
+from efsplug.optionvalues import (  # noqa: F401  (validate_region: naming and mount take it from here)
     FLAG_OPTIONS,
     FS_ID_RE,
     NOOP_FLAGS,
     OPTION_NAME_RE,
     REFUSED,
-    REGION_RE,
-    SAFE_PATH_RE,
     VALUE_OPTIONS,
     check_printable as _check_printable,
     has_dotdot as _has_dotdot,

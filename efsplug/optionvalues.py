@@ -50,8 +50,6 @@ REFUSED: Dict[str, str] = {
     "fsap": "option 'fsap' is not an EFS option (efs-utils 3.x passes it to NFS, which refuses it); "
             "use accesspoint=fsap-<17 hex digits>",
 }
-EFS_OPTIONS = frozenset(FLAG_OPTIONS + VALUE_OPTIONS) | NOOP_FLAGS
-
 IpAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
 

@@ -27,7 +27,6 @@ import pytest
 
 from efsbed.ca import BedCA
 from efsbed.bed import MOUNT_EFS
-from efsplug.nfs import NfsMount, read_tunnel_log, tunnel_diagnosis
 
 FS = "fs-12345678"
 AP = "fsap-0123456789abcdef0"
@@ -399,47 +398,3 @@ def test_port_range_exhausted(host: Host) -> None:
         res = host.run(mount_args(host, f"tls,tlsport={port},mounttargetip=127.0.0.1"))
         refused(res, 32, f"no free port in {port}-{port + 1}")
     nothing_left(host)
-
-
-# --- what the tunnel's log tells (pure) --------------------------------------------------------
-
-REFUSED_LOG = """\
-LOG5[0]: Service [efs] accepted connection from 127.0.0.1:48982
-LOG5[0]: s_connect: connected 192.0.2.4:2049
-LOG5[0]: Certificate accepted at depth=0: CN=fs-12345678.efs.us-east-1.amazonaws.com
-LOG5[0]: Connection closed: 44 byte(s) sent to TLS, 0 byte(s) sent to socket
-"""
-CASES_LOG = {
-    "refused": (REFUSED_LOG * 12, "refused IAM identity profile:default (access key AKIAX)"),
-    "cert": ("LOG4[0]: CERT: Verification error: unable to get local issuer certificate\n"
-             "LOG3[0]: SSL_connect: ssl/statem/statem_clnt.c:1889: error:0A000086:SSL routines::certificate verify "
-             "failed\nLOG5[0]: Connection reset: 0 byte(s) sent to TLS, 0 byte(s) sent to socket\n" * 12,
-             "rejected 127.0.0.1's certificate (CERT: Verification error: unable to get local issuer"),
-    "unreachable": ("LOG3[0]: s_connect: connect 192.0.2.4:2049: Connection refused (111)\n"
-                    "LOG5[0]: Connection reset: 0 byte(s) sent to TLS, 0 byte(s) sent to socket\n" * 12,
-                    "cannot reach 127.0.0.1 port 2049 (192.0.2.4:2049: Connection refused (111))"),
-}
-
-
-@pytest.mark.parametrize("case", sorted(CASES_LOG))
-def test_tunnel_log_diagnosis(case: str) -> None:
-    text, expected = CASES_LOG[case]
-    verdict = read_tunnel_log(text)
-    mount = NfsMount("127.0.0.1:/", "/mnt/x", "", target="127.0.0.1",
-                     identity="IAM identity profile:default (access key AKIAX)")
-    assert verdict.hopeless
-    assert expected in (tunnel_diagnosis(verdict, mount) or "")
-
-
-def test_tunnel_log_of_a_good_connection_names_no_cause() -> None:
-    """A connection still open (no close line yet) says nothing; "connected" is not a connect error."""
-    verdict = read_tunnel_log(REFUSED_LOG.rsplit("LOG5[0]: Connection closed", 1)[0])
-    assert verdict == type(verdict)()
-    assert tunnel_diagnosis(verdict, NfsMount("127.0.0.1:/", "/mnt/x", "")) is None
-
-
-def test_tunnel_log_with_answers_is_not_a_refusal() -> None:
-    text = REFUSED_LOG * 20 + "LOG5[9]: Connection closed: 4320 byte(s) sent to TLS, 4904 byte(s) sent to socket\n"
-    verdict = read_tunnel_log(text)
-    assert (verdict.refused, verdict.answered, verdict.hopeless) == (20, 1, False)
-    assert tunnel_diagnosis(verdict, NfsMount("127.0.0.1:/", "/mnt/x", "")) is None

@@ -6,9 +6,9 @@ checks: the exit status (1 usage/config, 32 mount failure), exactly one stderr l
 holding the expected message, and nothing left behind (no record, per-mount dir, held
 port lock or stunnel process).
 
-Network safety: the host may only talk to 127.0.0.0/8. Every run therefore has a region
+Network safety: the host may only talk to loopback (127.0.0.0/8, ::1). Every run therefore has a region
 in its config (no IMDS lookup), IMDS disabled and pointed at loopback, and passes
-mounttargetip=127.0.0.1 whenever it gets past validation (no DNS query; the host's
+mounttargetip=127.0.0.1 (or ::1) whenever it gets past validation (no DNS query; the host's
 resolver is a real network address).
 """
 

@@ -21,7 +21,7 @@ CONNECT_CHECK_SECONDS = 3.0
 
 @dataclass(frozen=True)
 class MountTarget:
-    address: str  # what the tunnel or NFS client connects to: DNS name or IPv4 address
+    address: str  # what the tunnel or NFS client connects to: DNS name, IPv4 or IPv6 address
     dns_name: str  # the name the server certificate must carry
     via: str  # dns | mounttargetip | describe-mount-targets
 
@@ -107,4 +107,6 @@ def choose_mount_target(targets: List[Mapping[str, str]], *, fs_id: str, az_id: 
         raise MountFailure(
             f"cannot resolve {dns_name}, and {fs_id} has no available mount target; create one in this VPC"
         )
-    return available[0]["IpAddress"]
+    # A dual-stack target has both; an IPv6-only target has only Ipv6Address (as efs-utils reads it).
+    chosen = available[0]
+    return chosen.get("IpAddress") or chosen["Ipv6Address"]

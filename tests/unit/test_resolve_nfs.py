@@ -20,6 +20,13 @@ def test_mount_target_in_own_az_preferred():
     assert choose_mount_target(TARGETS, fs_id="fs-12345678", az_id="use1-az1", dns_name="n") == "192.0.2.12"
 
 
+def test_ipv6_only_mount_target():
+    targets = [{"Ipv6Address": "2001:db8::7", "LifeCycleState": "available", "AvailabilityZoneId": "use1-az1"}]
+    assert choose_mount_target(targets, fs_id="fs-12345678", az_id="use1-az1", dns_name="n") == "2001:db8::7"
+    dual = [{**targets[0], "IpAddress": "192.0.2.7"}]
+    assert choose_mount_target(dual, fs_id="fs-12345678", az_id=None, dns_name="n") == "192.0.2.7"
+
+
 def test_mount_target_any_available_when_az_unknown():
     assert choose_mount_target(TARGETS, fs_id="fs-12345678", az_id=None, dns_name="n") == "192.0.2.11"
 

@@ -25,7 +25,8 @@ SAFE_PATH_RE = re.compile(r"/[A-Za-z0-9._+@/-]*")
 # comma, which ends a mount option before it could be part of one.
 ROLE_ARN_RE = re.compile(r"arn:aws[a-z0-9-]*:iam::[0-9]{12}:role/[A-Za-z0-9+=.@_/-]+")
 OPTION_NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
-IPV4_RE = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}")
+# No leading zeros: Python < 3.9.5 reads 010 as 10, mount.nfs (inet_aton) as 8.
+IPV4_RE = re.compile(r"(?:0|[1-9][0-9]{0,2})(?:\.(?:0|[1-9][0-9]{0,2})){3}")
 # Hex digits and colons (a dotted IPv4 tail allowed): no brackets, no %zone.
 IPV6_RE = re.compile(r"[0-9A-Fa-f:.]+")
 PORT_RE = re.compile(r"[0-9]{1,5}")

@@ -200,6 +200,13 @@ def expected_signature(
 
 # --- the verifier --------------------------------------------------------------
 
+def cert_validity(cert: x509.Certificate) -> Tuple[datetime, datetime]:
+    """notBefore and notAfter, aware UTC; cryptography < 42 (AL2023 has 36) has only naive ones."""
+    if hasattr(cert, "not_valid_before_utc"):
+        return cert.not_valid_before_utc, cert.not_valid_after_utc
+    return cert.not_valid_before.replace(tzinfo=timezone.utc), cert.not_valid_after.replace(tzinfo=timezone.utc)
+
+
 def _extension(cert: x509.Certificate, oid: x509.ObjectIdentifier) -> Optional[bytes]:
     try:
         ext = cert.extensions.get_extension_for_oid(oid)
@@ -221,9 +228,10 @@ def verify_client_certificate(
     revoked: AbstractSet[str] = frozenset(),
 ) -> IamIdentity:
     """Decide, like EFS, whether this client certificate may connect; raise IamRefused."""
-    if now < cert.not_valid_before_utc:
+    not_before, not_after = cert_validity(cert)
+    if now < not_before:
         raise IamRefused(CERT_NOT_YET_VALID)
-    if now > cert.not_valid_after_utc:
+    if now > not_after:
         raise IamRefused(CERT_EXPIRED)
     try:
         raw_fs = _extension(cert, OID_FILE_SYSTEM)

@@ -18,7 +18,7 @@ from cryptography.x509.oid import ExtensionOID, NameOID
 from efsplug import __version__, certificate, sigv4
 from efsplug.certificate import CertificateRequest
 from efsplug.errors import MountFailure
-from efsbed.iam import der_children, der_read
+from efsbed.iam import cert_validity, der_children, der_read
 from efsplug.sigv4 import AwsCredentials
 
 NOW = datetime(2024, 5, 6, 7, 8, 9, tzinfo=timezone.utc)
@@ -91,8 +91,7 @@ def test_full_certificate_round_trip(key: rsa.RSAPrivateKey) -> None:
 
     assert parsed.subject == parsed.issuer
     assert parsed.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "host.example"
-    assert parsed.not_valid_before_utc == NOW - timedelta(minutes=15)
-    assert parsed.not_valid_after_utc == NOW + timedelta(hours=3)
+    assert cert_validity(parsed) == (NOW - timedelta(minutes=15), NOW + timedelta(hours=3))
     assert isinstance(parsed.signature_hash_algorithm, hashes.SHA256)
     # Self-signed with the key we hold.
     key.public_key().verify(

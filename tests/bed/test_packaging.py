@@ -136,7 +136,7 @@ def test_dependencies_and_replacements(built: Built) -> None:
 
     requires = query("requires")
     for needed in ("nfs-utils", "(stunnel5 or stunnel)", "python3 >= 3.9", "python3-botocore",
-                   "python3-cryptography", "python3-psutil", "python3-pyroute2", f"python(abi) = {PY}"):
+                   "python3-cryptography", "python3-psutil", f"python(abi) = {PY}"):
         assert needed in requires, requires
     assert "amazon-efs-utils < 3" in query("obsoletes")
     assert {"amazon-efs-utils = 3", f"amazon-ecs-volume-plugin = {__version__}"} <= set(query("provides"))

@@ -12,7 +12,6 @@ import os
 import re
 import stat
 import subprocess
-import sys
 import sysconfig
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,7 +24,9 @@ from efsplug.config import Config, parse_config
 
 REPO = Path(__file__).resolve().parents[2]
 UNITS = ("amazon-ecs-volume-plugin.service", "efsplug-supervisor.service")
-PY = f"{sys.version_info[0]}.{sys.version_info[1]}"
+# build-rpm targets this host's /usr/bin/python3 by default, whatever venv runs the tests.
+PY = subprocess.run(["/usr/bin/python3", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                    capture_output=True, text=True, check=True).stdout.strip()
 SITELIB = f"/usr/lib/python{PY}/site-packages"
 
 
@@ -138,8 +139,9 @@ def test_dependencies_and_replacements(built: Built) -> None:
     for needed in ("nfs-utils", "(stunnel5 or stunnel)", "python3 >= 3.9", "python3-botocore",
                    "python3-cryptography", "python3-psutil", f"python(abi) = {PY}"):
         assert needed in requires, requires
-    assert "amazon-efs-utils < 3" in query("obsoletes")
-    assert {"amazon-efs-utils = 3", f"amazon-ecs-volume-plugin = {__version__}"} <= set(query("provides"))
+    # efs-utils below 3 replaced, 3.x (S3 Files) refused: test_packaging_al2023.py installs them.
+    assert query("obsoletes") == ["amazon-efs-utils < 3"] and query("conflicts") == ["amazon-efs-utils >= 3"]
+    assert {"amazon-efs-utils = 3~efsplug", f"amazon-ecs-volume-plugin = {__version__}"} <= set(query("provides"))
     assert _run(["rpm", "-qp", "--qf", "%{ARCH}", str(built.rpm)]).stdout == "noarch"
 
 

@@ -10,6 +10,8 @@ AL2023's: /sbin is usr/sbin), rpm's database inside the root; no scriptlet runs.
 from __future__ import annotations
 
 import configparser
+import importlib
+import pkgutil
 import re
 import subprocess
 from dataclasses import dataclass
@@ -190,6 +192,16 @@ def test_setup_cfg_minimums_are_met_by_al2023s_versions() -> None:
         evr = AL2023[PYPI_TO_AL2023[name]][0]
         assert _vercmp(evr.split("-")[0], minimum) >= 0, (requirement, evr)
     assert _vercmp("1.31.85", "1.29") == 1 and _vercmp("36.0.1", "36.0.10") == -1  # a real compare
+
+
+def test_every_module_imports_on_this_interpreter() -> None:
+    # In scripts/test's last pass: Python 3.9 with AL2023's libraries, modules no test reaches too.
+    import efsplug
+
+    names = [m.name for m in pkgutil.walk_packages(efsplug.__path__, "efsplug.")]
+    assert len(names) > 30
+    for name in names:
+        importlib.import_module(name)
 
 
 # --- item: amazon-efs-utils 3.x is kept, 2.x replaced ------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Iterable, List, Optional
 
@@ -39,6 +40,24 @@ def kernel_connected(pid: int, port: int) -> bool:
     except OSError:
         return False
     return False
+
+
+# After umount returns, the NFS client closes its connection to the tunnel a moment later
+# (30-90 ms seen in the bed, both kernels). Stopping the tunnel then is safe; judging a
+# moment too early left the tunnel to the supervisor's reaper instead.
+TEARDOWN_WAIT = 3.0
+
+
+def kernel_disconnects(pid: int, port: int, timeout: float) -> bool:
+    """Wait, bounded by timeout, until the kernel has no connection to the tunnel; True if so."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while kernel_connected(pid, port):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(delay)  # back-off while polling /proc: the kernel gives no event for this
+        delay = min(delay * 2, 0.1)
+    return True
 
 
 UMOUNT = "/bin/umount"
@@ -73,7 +92,7 @@ def unmount_efs(mountpoint: str, *, state_dir: Path, lazy: bool = False, timeout
     if is_mounted(mountpoint):
         umount(mountpoint, lazy=lazy, timeout=timeout)
     for record in records_for(Path(state_dir), mountpoint):
-        release(record, state_dir=Path(state_dir))
+        release(record, state_dir=Path(state_dir), teardown_wait=TEARDOWN_WAIT)
 
 
 def umount(mountpoint: str, *, lazy: bool = False, timeout: float = 30.0) -> None:
@@ -112,12 +131,14 @@ def tunnel_in_use(record: MountRecord, mounts: Iterable[KernelMount]) -> List[st
     return ports_in_use(mounts).get(record.port, [])
 
 
-def release(record: MountRecord, *, state_dir: Path, mounts: Optional[List[KernelMount]] = None) -> bool:
+def release(record: MountRecord, *, state_dir: Path, mounts: Optional[List[KernelMount]] = None,
+            teardown_wait: float = 0.0) -> bool:
     """Stop record's tunnel and remove its files and record, unless a mount still needs it.
 
     Returns True if everything is gone, False if it was kept because a kernel mount still
     uses the record's mount point or its tunnel; then the supervisor owns it and reaps it
-    when the last user goes.
+    when the last user goes. teardown_wait: right after an umount, how long the kernel may
+    take to close its connection before the tunnel counts as still in use.
     """
     state_dir = Path(state_dir)
     table = read_mounts() if mounts is None else mounts
@@ -127,7 +148,8 @@ def release(record: MountRecord, *, state_dir: Path, mounts: Optional[List[Kerne
         return False
     if record.tunnel is not None:
         tunnel = Tunnel.from_identity(record.tunnel)  # None if gone or the pid was reused
-        if tunnel is not None and record.port is not None and kernel_connected(tunnel.pid, record.port):
+        if tunnel is not None and record.port is not None \
+                and not kernel_disconnects(tunnel.pid, record.port, teardown_wait):
             return False  # the NFS client still tears its session down through it
         if tunnel is not None:
             try:

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
@@ -304,6 +305,29 @@ def test_release_keeps_a_tunnel_another_mount_uses(state_dir):
     assert release(first, state_dir=state_dir, mounts=[]) is True
     assert Tunnel.from_identity(first.tunnel) is None and not mount_dir(first, state_dir).exists()
     upstream.close()
+
+
+def test_release_after_umount_waits_for_the_kernel_to_hang_up(state_dir):
+    """Right after umount the NFS client closes its connection a moment later: wait for it, bounded."""
+    upstream = socket.socket()
+    upstream.bind(("127.0.0.1", 0))
+    upstream.listen(4)
+    first = make_mount(state_dir, "/mnt/one", upstream=upstream.getsockname()[1])
+    client = socket.create_connection(("127.0.0.1", first.port))  # like the NFS client's connection
+    wait_until(lambda: kernel_connected(first.tunnel.pid, first.port), 5, "connection seen")
+    # Outlasting the wait: kept for the supervisor, as before.
+    assert release(first, state_dir=state_dir, mounts=[], teardown_wait=0.2) is False
+    assert Tunnel.from_identity(first.tunnel) is not None
+    # Hanging up while release waits (a timer, as the kernel does it on its own schedule).
+    timer = threading.Timer(0.3, client.close)
+    timer.start()
+    try:
+        assert release(first, state_dir=state_dir, mounts=[], teardown_wait=10.0) is True
+    finally:
+        timer.cancel()
+        client.close()
+        upstream.close()
+    assert Tunnel.from_identity(first.tunnel) is None and not state.record_path(state_dir, first).exists()
 
 
 @pytest.mark.parametrize("refs, unmounted", [(0, True), (1, False)])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -63,12 +64,23 @@ def wait_for_file(path: Path, timeout: float = 60) -> str:
 
 @pytest.fixture
 def export_of_ap(bed: Bed) -> Iterator[Path]:
-    """The first access point's export directory, emptied again after the test."""
+    """The first access point's export directory, empty for the test and emptied after it.
+
+    Empty before, too: Docker copies the image's files only into an empty volume, and
+    other guest tests write into this export.
+    """
     export = bed.access_points[0].export_dir
-    before = set(export.iterdir())
+    _empty(export)
     yield export
-    for entry in set(export.iterdir()) - before:
-        entry.unlink()
+    _empty(export)
+
+
+def _empty(directory: Path) -> None:
+    for entry in directory.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def test_docker_volume_lifecycle_through_tls_iam_access_point(

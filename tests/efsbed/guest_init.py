@@ -125,8 +125,12 @@ def find_interface() -> str:
     return found[0]
 
 
-def start_forwarder(forwards: List[Dict[str, object]]) -> None:
-    """Start guest_forward.py (it outlives init's setup) and wait until every listener is bound."""
+def start_forwarder(cfg: Dict[str, object]) -> None:
+    """Start guest_forward.py (it outlives init's setup) and wait until every listener is bound.
+
+    After the shares: the checkout holding it may sit under /tmp, a tmpfs here until then.
+    """
+    forwards = list(cfg.get("forwards", []))  # type: ignore[arg-type]
     log = open("/var/log/efsbed-forward.log", "ab")
     proc = subprocess.Popen([sys.executable, FORWARDER, json.dumps(forwards)], stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=log, env=BASE_ENV)
@@ -157,7 +161,6 @@ def setup_network(cfg: Dict[str, object]) -> None:
     sh("ip", "link", "set", "lo", "up")
     for ip in sorted({str(f["guest_ip"]) for f in forwards}):
         sh("ip", "addr", "add", f"{ip}/32", "dev", "lo")
-    start_forwarder(forwards)
     sh("sysctl", "-q", "-w", f"net.ipv6.conf.{iface}.disable_ipv6=1")
     sh("ip", "route", "add", "unreachable", "default")
     sh("ip", "addr", "add", f"{GUEST_ADDR}/32", "dev", iface)
@@ -265,6 +268,7 @@ def main() -> None:
             ("network", setup_network),
             ("/etc", write_etc),
             ("sbin and shares", setup_sbin_and_shares),
+            ("forwards", start_forwarder),
         )
         started = time.monotonic()
         for step, fn in steps:

@@ -145,7 +145,8 @@ def start_forwarder(cfg: Dict[str, object]) -> None:
 
 
 def setup_network(cfg: Dict[str, object]) -> None:
-    """Forwards on lo through the relay; the link reaches the host (10.0.2.2) and nothing else.
+    """Forwards' addresses on lo (start_forwarder relays them later); the link reaches the host
+    (10.0.2.2) and nothing else.
 
     Fail closed by routing, which every kernel has (the 7.x one has no IPv4 packet filter):
     the guest owns 10.0.2.15/32, so not even slirp's DNS at 10.0.2.3 is on-link; one host

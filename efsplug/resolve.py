@@ -56,7 +56,8 @@ def locate_mount_target(
 
 def _resolves(name: str) -> bool:
     try:
-        return bool(socket.getaddrinfo(name, NFS_PORT, socket.AF_INET, socket.SOCK_STREAM))
+        # Any family: an IPv6-only mount target's name has only an AAAA record (efs-utils 2.3+).
+        return bool(socket.getaddrinfo(name, NFS_PORT, socket.AF_UNSPEC, socket.SOCK_STREAM))
     except (socket.gaierror, UnicodeError):
         return False
 

@@ -210,7 +210,7 @@ def test_bad_requests_get_errors_and_the_agent_lives_on(guest: Guest) -> None:
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"forwards": [Forward("2001:db8::1", 80, 1)]}, "IPv4"),
+        ({"forwards": [Forward("2001:db8::1", 99999, 1)]}, "ports"),
         ({"forwards": [Forward("192.0.2.1", 0, 1)]}, "ports"),
         ({"forwards": [Forward("not-an-ip", 80, 1)]}, "does not appear to be an IPv4 or IPv6"),
         ({"hosts": {"x": "nope"}}, "does not appear"),

@@ -27,10 +27,16 @@ from efsbed.endpoint import EfsEndpoint
 from efsbed.ganesha import Ganesha
 from efsbed.guest import Forward, Guest, GuestResult
 from efsbed.metadata import InstanceMetadata, TaskCredentials
+from efsbed.sts import WebIdentitySts
 
 REPO = Path(__file__).resolve().parents[2]
 MOUNT_EFS = REPO / ".venv" / "bin" / "mount.efs"
 IMDS_IP, ECS_IP = "169.254.169.254", "169.254.170.2"
+# The mount target's IPv6 address (documentation prefix): its 2049 reaches the same TLS
+# endpoint, as a dual-stack EFS mount target's does.
+MT_IPV6 = "2001:db8:ef5::2049"
+# An NFS server without TLS or EFS in front: ganesha's root export, for type=nfs4 volumes.
+NFS_IP = "203.0.113.49"
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,7 @@ class Bed:
         self.ca = BedCA.create(self.workdir / "ca")
         self.credentials = BedCredentials(self.workdir / "credentials.json")
         routes = self._start_exports()
+        self.nfs_port = routes[None]  # the root export, reached directly at NFS_IP in the guest
         self.endpoint = self._keep(EfsEndpoint(
             self.workdir / "endpoint", fs_id=self.fs_id, region=self.region, ca=self.ca, routes=routes,
             credentials=self.credentials, iam_required=self.iam_required, tag=self.tag,
@@ -120,6 +127,7 @@ class Bed:
         self.imds = self._keep(InstanceMetadata(
             self.region, self.az, self.seeded.availability_zone_id, self.credentials).start())
         self.task_credentials = self._keep(TaskCredentials(self.credentials).start())
+        self.sts = self._keep(WebIdentitySts(self.credentials).start())  # the guest: http://10.0.2.2:<port>
         if self.with_guest:
             self._start_guest()
 
@@ -144,10 +152,13 @@ class Bed:
             tag=self.tag,
             forwards=[
                 Forward(mt_ip, 2049, self.endpoint.port),
+                Forward(MT_IPV6, 2049, self.endpoint.port),
+                Forward(NFS_IP, 2049, self.nfs_port),
                 Forward(IMDS_IP, 80, self.imds.port),
                 Forward(ECS_IP, 80, self.task_credentials.port),
             ],
-            hosts={self.dns_name: mt_ip, f"{self.az}.{self.dns_name}": mt_ip},
+            # ipv6only.<name>: a name with only an AAAA record, as an IPv6-only target's has.
+            hosts={self.dns_name: mt_ip, f"{self.az}.{self.dns_name}": mt_ip, f"ipv6only.{self.dns_name}": MT_IPV6},
             shares={str(self.workdir): self.workdir},  # the bed's files (CA bundle), even under /tmp
             sbin={"mount.efs": str(MOUNT_EFS)},
             systemd=self.guest_systemd,

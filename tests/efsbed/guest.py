@@ -395,8 +395,7 @@ def _validate(g: Guest) -> None:
         if any(c.isspace() for c in word) or "," in word:
             raise ValueError(f"path {word!r} cannot go on a kernel or mount command line")
     for f in g.forwards:
-        if ipaddress.ip_address(f.guest_ip).version != 4:
-            raise ValueError(f"forward {f}: guest_ip must be IPv4")
+        ipaddress.ip_address(f.guest_ip)  # ValueError for a bad address; IPv6 goes on lo too
         if not all(isinstance(p, int) and 0 < p < 65536 for p in (f.guest_port, f.host_port)):
             raise ValueError(f"forward {f}: ports must be integers in 1..65535")
     for name, ip in g.hosts.items():

@@ -80,7 +80,8 @@ def main(argv: List[str]) -> int:
     forwards: List[Dict[str, object]] = json.loads(argv[1])
     listeners = []
     for f in forwards:
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        family = socket.AF_INET6 if ":" in str(f["guest_ip"]) else socket.AF_INET  # an IPv6 mount target
+        s = socket.socket(family, socket.SOCK_STREAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind((str(f["guest_ip"]), int(f["guest_port"])))  # type: ignore[call-overload]
         s.listen(128)

@@ -161,7 +161,7 @@ def setup_network(cfg: Dict[str, object]) -> None:
     forwards = list(cfg.get("forwards", []))  # type: ignore[arg-type]
     sh("ip", "link", "set", "lo", "up")
     for ip in sorted({str(f["guest_ip"]) for f in forwards}):
-        sh("ip", "addr", "add", f"{ip}/32", "dev", "lo")
+        sh("ip", "addr", "add", f"{ip}/128" if ":" in ip else f"{ip}/32", "dev", "lo")
     sh("sysctl", "-q", "-w", f"net.ipv6.conf.{iface}.disable_ipv6=1")
     sh("ip", "route", "add", "unreachable", "default")
     sh("ip", "addr", "add", f"{GUEST_ADDR}/32", "dev", iface)

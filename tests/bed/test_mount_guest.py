@@ -12,9 +12,9 @@ import secrets
 
 import pytest
 
-from efsbed.bed import Bed
+from efsbed.bed import MT_IPV6, Bed
 from efsbed.guestmount import (
-    accepted_as, guest_config, guest_file, mount, mount_of, new_connections, profile_text,
+    NOTHING_LEFT, accepted_as, leftovers, guest_config, guest_file, mount, mount_of, new_connections, profile_text,
     record_for, records, sh, write_and_find,
 )
 
@@ -158,6 +158,63 @@ def test_mounttargetip(bed: Bed, clean_guest: Bed) -> None:
         write_and_find(bed, "/mnt/ip", bed.export_dir)
         conf = bed.run(["cat", record_for(bed, "/mnt/ip")["config_file"]]).stdout
         assert f"connect = {ip}:2049" in conf and f"checkHost = {bed.dns_name}" in conf
+
+
+def tunnel_peers(bed: Bed) -> str:
+    """The guest's established TCP connections (ss prints an IPv6 peer as [addr]:port)."""
+    return bed.run(["ss", "-Htn", "state", "established"]).stdout
+
+
+def test_ipv6_mount_target_by_mounttargetip(bed: Bed, clean_guest: Bed) -> None:
+    """The tunnel connects to the IPv6 address; TLS still checks the file system's name."""
+    with mount_of(bed, "/mnt/ip6", f"tls,mounttargetip={MT_IPV6}"):
+        write_and_find(bed, "/mnt/ip6", bed.export_dir)
+        conf = bed.run(["cat", record_for(bed, "/mnt/ip6")["config_file"]]).stdout
+        assert f"connect = {MT_IPV6}:2049" in conf and f"checkHost = {bed.dns_name}" in conf
+        assert f"[{MT_IPV6}]:2049" in tunnel_peers(bed)
+
+
+def test_ipv6_mount_target_by_its_aaaa_record(bed: Bed, clean_guest: Bed) -> None:
+    """A name with only an AAAA record resolves: no API fall-back, the tunnel dials it over IPv6."""
+    name = f"ipv6only.{bed.dns_name}"
+    assert bed.run(["getent", "ahostsv4", name]).rc == 2  # no IPv4 address at all
+    with guest_config(bed, "dns_name_format = ipv6only.{fs_id}.efs.{region}.{dns_name_suffix}\n"):
+        with mount_of(bed, "/mnt/aaaa", "tls"):
+            write_and_find(bed, "/mnt/aaaa", bed.export_dir)
+            conf = bed.run(["cat", record_for(bed, "/mnt/aaaa")["config_file"]]).stdout
+            assert f"connect = {name}:2049" in conf
+            assert f"[{MT_IPV6}]:2049" in tunnel_peers(bed)
+
+
+ROLE = "arn:aws:iam::123456789012:role/efsbed-web-identity"
+JWT = "/var/run/secrets/eks.amazonaws.com/serviceaccount/token"
+
+
+def sts_env(bed: Bed) -> dict:
+    return {"AWS_ENDPOINT_URL_STS": f"http://10.0.2.2:{bed.sts.port}"}
+
+
+def test_tls_iam_with_rolearn_and_jwtpath(bed: Bed, clean_guest: Bed) -> None:
+    token = "eyJ" + secrets.token_urlsafe(48)  # opaque to the client: STS checks it
+    bed.sts.trust(ROLE, token)
+    before = len(bed.endpoint.connection_events())
+    with guest_file(bed, JWT, token):
+        with mount_of(bed, "/mnt/web", f"tls,iam,rolearn={ROLE},jwtpath={JWT}", env=sts_env(bed)):
+            write_and_find(bed, "/mnt/web", bed.export_dir)
+            assert record_for(bed, "/mnt/web")["credential_source"].startswith("webidentity:")
+    issued = bed.sts.issued(ROLE)
+    assert len(issued) >= 1
+    accepted_as(bed, before, key=issued[-1].access_key_id, access_point=None)
+
+
+def test_rolearn_refused_by_sts(bed: Bed, clean_guest: Bed) -> None:
+    """A token STS does not trust: one line naming the cause and the fix, nothing left behind."""
+    with guest_file(bed, JWT, "eyJ" + secrets.token_urlsafe(48)):
+        res = mount(bed, "/mnt/web", f"tls,iam,rolearn={ROLE},jwtpath={JWT}", env=sts_env(bed))
+    assert res.rc == 32, res
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and "AccessDenied" in lines[0] and "trust policy" in lines[0], res.stderr
+    assert leftovers(bed) == NOTHING_LEFT
 
 
 NO_DNS_FORMAT = "dns_name_format = nodns.{fs_id}.efs.{region}.{dns_name_suffix}\n"

@@ -20,6 +20,7 @@ from efsplug.sigv4 import AwsCredentials
 
 Reply = Tuple[int, str, str]  # status, content type, body
 
+MAX_BODY = 64 * 1024  # request bodies are small forms; a bigger one is cut, not buffered
 TOKEN_PATH = "/latest/api/token"
 TOKEN_TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
 TOKEN_HEADER = "X-aws-ec2-metadata-token"
@@ -39,7 +40,7 @@ def _text(status: int, body: str) -> Reply:
 
 
 class _LoopbackHttpService:
-    """A ThreadingHTTPServer whose handler delegates to self.respond(method, path, headers)."""
+    """A ThreadingHTTPServer whose handler delegates to self.respond(method, path, headers, body)."""
 
     def __init__(self) -> None:
         self._server: Optional[ThreadingHTTPServer] = None
@@ -62,7 +63,7 @@ class _LoopbackHttpService:
         with self._lock:
             return self._counts[path] if path is not None else sum(self._counts.values())
 
-    def respond(self, method: str, path: str, headers: Dict[str, str]) -> Reply:
+    def respond(self, method: str, path: str, headers: Dict[str, str], body: bytes = b"") -> Reply:
         raise NotImplementedError
 
     def start(self):
@@ -73,13 +74,14 @@ class _LoopbackHttpService:
 
             def _serve(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
-                if length:
-                    self.rfile.read(length)
+                request_body = self.rfile.read(min(length, MAX_BODY)) if length else b""
+                if length > MAX_BODY:
+                    self.close_connection = True  # the rest is never read
                 path = self.path.split("?", 1)[0]
                 with service._lock:
                     service._counts[path] += 1
                 status, ctype, body = service.respond(
-                    self.command, path, {k.lower(): v for k, v in self.headers.items()}
+                    self.command, path, {k.lower(): v for k, v in self.headers.items()}, request_body
                 )
                 data = body.encode()
                 self.send_response(status)
@@ -178,7 +180,7 @@ class InstanceMetadata(_LoopbackHttpService):
             "Token": c.session_token, "Expiration": _iso_z(c.expiry),
         })
 
-    def respond(self, method: str, path: str, headers: Dict[str, str]) -> Reply:
+    def respond(self, method: str, path: str, headers: Dict[str, str], body: bytes = b"") -> Reply:
         if path == TOKEN_PATH:
             if method != "PUT":
                 return _text(405, "Method Not Allowed")
@@ -239,7 +241,7 @@ class TaskCredentials(_LoopbackHttpService):
     def requests(self, rel_id: Optional[str] = None) -> int:  # type: ignore[override]
         return super().requests(self.path_of(rel_id) if rel_id is not None else None)
 
-    def respond(self, method: str, path: str, headers: Dict[str, str]) -> Reply:
+    def respond(self, method: str, path: str, headers: Dict[str, str], body: bytes = b"") -> Reply:
         prefix = "/v2/credentials/"
         if method != "GET" or not path.startswith(prefix):
             return _json(404, {"code": "NotFound", "message": "Not found"})

@@ -15,7 +15,7 @@ import pytest
 from efsbed import iam
 from efsbed.bed import Bed
 from efsbed.guestmount import (
-    NOTHING_LEFT, guest_file, kernel_mounts, leftovers, mount, mount_of, new_connections, profile_text, record_for,
+    NOTHING_LEFT, guest_file, kernel_mounts, task_netns, leftovers, mount, mount_of, new_connections, profile_text, record_for,
     records, sh, write_and_find,
 )
 
@@ -119,25 +119,8 @@ NS = "efst1"
 
 @pytest.fixture
 def netns(bed: Bed) -> Iterator[str]:
-    """Namespace efst1 joined to the root namespace by a veth pair (TEST-NET-2 addresses, guest-only).
-
-    The mount target's address sits on the root namespace's lo, where the bed's relay
-    listens (guest_forward.py), so from efst1 it is one routed hop and delivered locally.
-    The root namespace does not forward (ip_forward stays 0), so nothing else leaves efst1.
-    """
-    setup = (
-        f"set -e; ip netns add {NS}; ip link add efsh0 type veth peer name efst0; ip link set efst0 netns {NS}; "
-        "ip addr add 198.51.100.1/30 dev efsh0; ip link set efsh0 up; "
-        f"ip netns exec {NS} ip addr add 198.51.100.2/30 dev efst0; ip netns exec {NS} ip link set efst0 up; "
-        f"ip netns exec {NS} ip link set lo up; ip netns exec {NS} ip route add default via 198.51.100.1; "
-        "test \"$(sysctl -n net.ipv4.ip_forward)\" = 0"
-    )
-    try:
-        res = sh(bed, setup)
-        assert res.rc == 0, res
-        yield f"/var/run/netns/{NS}"
-    finally:
-        sh(bed, f"ip netns del {NS}; ip link del efsh0 2>/dev/null; true")
+    with task_netns(bed, NS) as path:
+        yield path
 
 
 def test_tunnel_and_mount_live_in_the_namespace(bed: Bed, clean_guest: Bed, netns: str) -> None:

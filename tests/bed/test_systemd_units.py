@@ -8,11 +8,14 @@ host's, read-only), which is how an operator overrides a vendor unit too.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import pytest
 
 from efsbed.bed import REPO, Bed
+from efsbed.guestmount import kernel_mounts, mounted, task_netns
+from efsbed.procs import wait_until
 
 pytestmark = pytest.mark.guest
 
@@ -95,3 +98,37 @@ def test_unit_starts_serves_and_restarts_without_touching_a_live_mount(systemd_b
 
     assert bed.run(["systemctl", "stop", UNIT], timeout=60).rc == 0
     assert bed.run(["test", "-e", SOCKET]).rc != 0, "clean shutdown must remove the socket"
+
+
+ECS_CONFIG = "/etc/ecs/ecs.config"
+
+
+def test_cleanup_wait_set_only_in_ecs_config_reaps_a_gone_task_mount(systemd_bed):
+    """ECS_ENGINE_TASK_CLEANUP_WAIT_DURATION=5s where operators set it, for the ECS agent:
+    the unit's agent (nothing in its environment) unmounts a mount whose task network
+    namespace is gone after 5 s, not after the 3 h default."""
+    bed = systemd_bed
+    bed.write_guest_config(f"[mount]\nstunnel_cafile = {bed.ca.cert_path}\n"
+                           "[mount-watchdog]\npoll_interval_sec = 1\nunmount_grace_period_sec = 2\n")
+    bed.run(["mkdir", "-p", "/etc/ecs"], check=True)
+    bed.run(["tee", ECS_CONFIG], input=b"ECS_CLUSTER=efsbed\nECS_ENGINE_TASK_CLEANUP_WAIT_DURATION=5s\n", check=True)
+    environment = bed.run(["systemctl", "show", UNIT, "-p", "Environment"]).stdout
+    assert "ECS_ENGINE_TASK_CLEANUP_WAIT_DURATION" not in environment, environment
+    try:
+        assert bed.run(["systemctl", "start", UNIT], timeout=60).rc == 0
+        status = bed.run([str(EFSPLUG), "status"], timeout=60).stdout
+        assert "cleanup wait: 5s (ECS_ENGINE_TASK_CLEANUP_WAIT_DURATION in /etc/ecs/ecs.config line 2)" in status, status
+        with task_netns(bed, "efsecs1") as netns:
+            mounted(bed, "/mnt/task", f"tls,netns={netns}")
+            gone_at = time.monotonic()
+            bed.run(["ip", "netns", "del", "efsecs1"], check=True)  # the task stopped
+            wait_until(lambda: "/mnt/task" not in kernel_mounts(bed), 90, "the gone task's mount unmounted")
+            waited = time.monotonic() - gone_at
+        journal = bed.run(["journalctl", "-u", UNIT, "--no-pager", "-o", "cat"]).stdout
+        assert "network namespace /var/run/netns/efsecs1 is gone for 5s (cleanup wait)" in journal, journal
+        assert waited >= 5, f"unmounted {waited:.1f}s after the task went: before the cleanup wait"
+    finally:
+        bed.run(["systemctl", "stop", UNIT], timeout=60)
+        bed.run(["rm", "-f", ECS_CONFIG])
+        bed.run(["sh", "-c", "pkill -f '[s]tunnel.*/run/efs/'; umount -l /mnt/task; rm -rf /run/efs"])
+        bed.write_guest_config(f"[mount]\nstunnel_cafile = {bed.ca.cert_path}\n")

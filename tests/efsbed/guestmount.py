@@ -125,3 +125,27 @@ def leftovers(bed: Bed) -> Dict[str, object]:
 
 
 NOTHING_LEFT = {"tunnels": [], "state": [], "held_port_locks": [], "mounts": []}
+
+
+@contextlib.contextmanager
+def task_netns(bed: Bed, name: str) -> Iterator[str]:
+    """Namespace `name` joined to the root namespace by a veth pair (TEST-NET-2, guest-only), like a task's.
+
+    The mount target's address sits on the root namespace's lo, where the bed's relay
+    listens (guest_forward.py), so from the namespace it is one routed hop and delivered
+    locally. The root namespace does not forward (ip_forward stays 0), so nothing else
+    leaves it. Yields its path; deleted afterwards (if the test did not delete it first).
+    """
+    setup = (
+        f"set -e; ip netns add {name}; ip link add efsh0 type veth peer name efst0; ip link set efst0 netns {name}; "
+        "ip addr add 198.51.100.1/30 dev efsh0; ip link set efsh0 up; "
+        f"ip netns exec {name} ip addr add 198.51.100.2/30 dev efst0; ip netns exec {name} ip link set efst0 up; "
+        f"ip netns exec {name} ip link set lo up; ip netns exec {name} ip route add default via 198.51.100.1; "
+        "test \"$(sysctl -n net.ipv4.ip_forward)\" = 0"
+    )
+    try:
+        res = sh(bed, setup)
+        assert res.rc == 0, res
+        yield f"/var/run/netns/{name}"
+    finally:
+        sh(bed, f"ip netns del {name} 2>/dev/null; ip link del efsh0 2>/dev/null; true")

@@ -22,7 +22,8 @@ from types import MappingProxyType
 from typing import Any, Callable, Dict, Mapping, MutableMapping, Optional
 
 from efsplug.agent import protocol
-from efsplug.agent.mounter import EfsMounter, Mounter
+from efsplug.agent.mounter import EfsMounter, HelperMounter, Mounter, TypeMounter
+from efsplug.agent.othertypes import FS_TYPE
 from efsplug.agent.protocol import CreateRequest, MountIdRequest, NameRequest, ProtocolError
 from efsplug.agent.store import Store
 from efsplug.agent.volumes import (
@@ -53,12 +54,14 @@ class Plugin:
         volumes_root: Path,
         *,
         mounter: Optional[Mounter] = None,
+        type_mounter: Optional[TypeMounter] = None,
         initial: Mapping[str, Volume] = MappingProxyType({}),
         clock: Callable[[], str] = _now,
     ) -> None:
         self.store = store
         self.volumes_root = Path(volumes_root)
-        self.mounter: Mounter = mounter if mounter is not None else EfsMounter()
+        self.mounter: Mounter = mounter if mounter is not None else EfsMounter()  # type=efs
+        self.type_mounter: TypeMounter = type_mounter if type_mounter is not None else HelperMounter()  # the rest
         self._clock = clock
         self._volumes: Mapping[str, Volume] = MappingProxyType(dict(initial))
         self._locks = LockTable()
@@ -85,6 +88,9 @@ class Plugin:
         if volume is None:
             raise UsageError(f"volume {shown(name)} not found; create it with docker volume create")
         return volume
+
+    def _mounter(self, volume: Volume) -> Mounter:
+        return self.mounter if volume.fs_type == FS_TYPE else self.type_mounter
 
     # ---- dispatch -----------------------------------------------------------------
 
@@ -144,6 +150,8 @@ class Plugin:
     def create(self, name: str, opts: Mapping[str, str]) -> None:
         """Validate and record; no mount. The same definition again is a success (ECS retries)."""
         volume = new_volume(name, opts, self.volumes_root, self._clock())  # validation needs no lock
+        if volume.fs_type != FS_TYPE:
+            self.type_mounter.require_helper(volume.fs_type)  # `docker volume create` says what is missing
         with self._locks.hold(name):
             existing = self._volumes.get(name)
             if existing is not None:
@@ -159,7 +167,7 @@ class Plugin:
             volume = self._existing(name)
             # The kernel decides, not our record: after a reboot the record says mounted
             # but nothing is; after a crash between mount and commit it is the reverse.
-            made = not self.mounter.is_mounted(volume.mountpoint)
+            made = not self._mounter(volume).is_mounted(volume.mountpoint)
             if made:
                 self._mount_now(volume)
             try:
@@ -173,7 +181,7 @@ class Plugin:
     def _mount_now(self, volume: Volume) -> None:
         request = volume.request()  # validated again: the state file could be edited
         self._ensure_dir(Path(volume.mountpoint))
-        self.mounter.mount(request)
+        self._mounter(volume).mount(request)
 
     def _ensure_dir(self, mountpoint: Path) -> None:
         if not self.volumes_root.is_dir():
@@ -194,7 +202,7 @@ class Plugin:
                 return
             if last:
                 try:
-                    self.mounter.unmount(volume.mountpoint)
+                    self._mounter(volume).unmount(volume.mountpoint)
                 except BaseException:
                     self._commit(name, after)  # the reference is gone; Remove still unmounts
                     raise
@@ -208,8 +216,9 @@ class Plugin:
             if volume is None:
                 return
             # Docker removes only volumes no container uses: remaining references are stale.
-            if volume.mounted or self.mounter.is_mounted(volume.mountpoint):
-                self.mounter.unmount(volume.mountpoint)
+            mounter = self._mounter(volume)
+            if volume.mounted or mounter.is_mounted(volume.mountpoint):
+                mounter.unmount(volume.mountpoint)
             self._commit(name, None)
             try:
                 os.rmdir(volume.mountpoint)
@@ -220,7 +229,7 @@ class Plugin:
 
     def _unmount_quietly(self, volume: Volume) -> None:
         try:
-            self.mounter.unmount(volume.mountpoint)
+            self._mounter(volume).unmount(volume.mountpoint)
         except Exception as exc:
             print(f"mount {volume.name}: could not undo the mount: {exc}", flush=True)
 

@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
+from efsplug.agent.othertypes import FS_TYPE, TYPES
 from efsplug.agent.protocol import VOLUME_NAME_RE, MOUNT_ID_RE
 from efsplug.agent.volumes import Volume
 from efsplug.errors import EfsplugError
@@ -84,9 +85,13 @@ def _volume(name: str, item: object) -> Volume:
         raise CorruptState(f"volume {name}: 'refs' must map mount IDs to positive counts")
     if not isinstance(item.get("mounted", False), bool):
         raise CorruptState(f"volume {name}: 'mounted' is not true/false")
+    fs_type = item.get("fs_type", FS_TYPE)  # absent in files written before other types existed
+    if fs_type not in TYPES:
+        raise CorruptState(f"volume {name}: 'fs_type' is not one of {', '.join(TYPES)}")
     return Volume(
         name=name, device=item["device"], options=item["options"], mountpoint=item["mountpoint"],
         created_at=item["created_at"], mounted=item.get("mounted", False), refs=tuple(sorted(refs.items())),
+        fs_type=fs_type,
     )
 
 

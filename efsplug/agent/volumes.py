@@ -10,13 +10,16 @@ import contextlib
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, Iterator, Mapping, Tuple
+from typing import Dict, Iterator, Mapping, Tuple, Union
 
+from efsplug.agent.othertypes import FS_TYPE, TypedMount, check_type, typed_mount
 from efsplug.errors import UsageError, shown
 from efsplug.options import MountRequest, request_from_driver_opts
 
 DRIVER_OPTS = ("type", "device", "o")
-FS_TYPE = "efs"
+
+# efs: efsplug's own mount (tunnel, records, supervision); any other type: `mount -t <type>`.
+MountSpec = Union[MountRequest, TypedMount]
 
 Refs = Tuple[Tuple[str, int], ...]  # (mount ID, count), sorted by ID
 
@@ -24,12 +27,13 @@ Refs = Tuple[Tuple[str, int], ...]  # (mount ID, count), sorted by ID
 @dataclass(frozen=True)
 class Volume:
     name: str
-    device: str  # fs-id[:/path] as given
+    device: str  # as given: fs-id[:/path] for efs, what `mount -t <fs_type>` takes otherwise
     options: str  # the `o=` string as given (may name a credentials URI: never logged)
     mountpoint: str
     created_at: str  # RFC 3339, what `docker volume inspect` shows
     mounted: bool = False  # the agent made the kernel mount and has not unmounted it
     refs: Refs = ()
+    fs_type: str = FS_TYPE  # the `type=` option; state files from before it existed are efs
 
     @property
     def ref_total(self) -> int:
@@ -38,12 +42,16 @@ class Volume:
     def refs_of(self, mount_id: str) -> int:
         return dict(self.refs).get(mount_id, 0)
 
-    def request(self) -> MountRequest:
-        """The validated mount request at this volume's mountpoint."""
+    def request(self) -> MountSpec:
+        """The validated mount at this volume's mountpoint."""
+        if self.fs_type != FS_TYPE:
+            return typed_mount(self.fs_type, self.device, self.options, self.mountpoint)
         return replace(request_from_driver_opts(self.device, self.options), mountpoint=self.mountpoint)
 
     def status(self) -> Dict[str, object]:
-        """What `docker volume inspect` shows under Status: nothing secret."""
+        """What `docker volume inspect` shows under Status: nothing secret (never the options)."""
+        if self.fs_type != FS_TYPE:
+            return {"Type": self.fs_type, "Device": self.device, "Mounted": self.mounted, "References": self.ref_total}
         parsed = request_from_driver_opts(self.device, self.options)
         status: Dict[str, object] = {
             "FileSystemId": parsed.fs_id, "Path": parsed.path, "Mounted": self.mounted, "References": self.ref_total,
@@ -53,26 +61,29 @@ class Volume:
         return status
 
 
-def validate_driver_opts(opts: Mapping[str, str]) -> Tuple[str, str]:
-    """(device, o) from Docker's driver options, checked by the mount helper's own parser."""
+def validate_driver_opts(opts: Mapping[str, str]) -> Tuple[str, str, str]:
+    """(type, device, o) from Docker's driver options: efs ones checked by the mount helper's
+    own parser, the other types' as mount(8) arguments. Installed helpers are not checked here."""
     unknown = sorted(k for k in opts if k not in DRIVER_OPTS)
     if unknown:
-        raise UsageError(f"volume option {shown(unknown[0])} is not supported; use type=efs, device= and o=")
-    fs_type = opts.get("type", FS_TYPE)
-    if fs_type != FS_TYPE:
-        raise UsageError(f"volume option type={shown(fs_type)} is not supported; use type=efs")
+        raise UsageError(f"volume option {shown(unknown[0])} is not supported; use type=, device= and o=")
+    fs_type = check_type(opts.get("type", FS_TYPE))
     device, o = opts.get("device", ""), opts.get("o", "")
-    request_from_driver_opts(device, o)  # UsageError names the bad option
-    return device, o
+    if fs_type == FS_TYPE:
+        request_from_driver_opts(device, o)  # UsageError names the bad option
+    else:
+        typed_mount(fs_type, device, o)
+    return fs_type, device, o
 
 
 def new_volume(name: str, opts: Mapping[str, str], root: Path, created_at: str) -> Volume:
-    device, o = validate_driver_opts(opts)
-    return Volume(name=name, device=device, options=o, mountpoint=str(root / name), created_at=created_at)
+    fs_type, device, o = validate_driver_opts(opts)
+    return Volume(name=name, device=device, options=o, mountpoint=str(root / name), created_at=created_at,
+                  fs_type=fs_type)
 
 
 def same_definition(a: Volume, b: Volume) -> bool:
-    return (a.device, a.options, a.mountpoint) == (b.device, b.options, b.mountpoint)
+    return (a.fs_type, a.device, a.options, a.mountpoint) == (b.fs_type, b.device, b.options, b.mountpoint)
 
 
 def _with_refs(volume: Volume, counts: Dict[str, int]) -> Volume:

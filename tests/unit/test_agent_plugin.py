@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 import stat
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List, Set
 
 import pytest
 
 from efsbed.agent_harness import FakeMounter, plugin_with
 from efsplug.agent import protocol as p
+from efsplug.agent.othertypes import HelperMissing, TypedMount
 from efsplug.agent.plugin import Plugin
 from efsplug.agent.store import Store
 
@@ -170,3 +172,74 @@ def test_references_per_mountpoint_and_change_notices_for_the_supervisor(plugin:
     call(plugin, p.REMOVE, {"Name": "v1"})
     assert plugin.references(mp) is None
     assert seen == [mp, mp, mp]
+
+
+# ---- volume types other than efs: `mount -t <type>`, the type mounter's business ----------
+
+NFS_OPTS = {"type": "nfs4", "device": "203.0.113.49:/", "o": "vers=4.1,port=2049"}
+
+
+@dataclass
+class FakeTypeMounter(FakeMounter):
+    """FakeMounter that also answers whether a type's helper is installed."""
+
+    installed: Set[str] = field(default_factory=lambda: {"nfs", "nfs4"})
+    requests: List[Any] = field(default_factory=list)
+
+    def require_helper(self, fs_type: str) -> None:
+        if fs_type not in self.installed:
+            raise HelperMissing(f"type={fs_type} needs the mount.{fs_type} helper, which is not installed")
+
+    def mount(self, request: Any) -> None:
+        self.require_helper(request.fs_type)
+        self.requests.append(request)
+        super().mount(request)
+
+
+@pytest.fixture
+def typed(tmp_path: Path, mounter: FakeMounter) -> Plugin:
+    pl = Plugin(Store(tmp_path / "state" / "volumes.json"), tmp_path / "volumes", mounter=mounter,
+                type_mounter=FakeTypeMounter())
+    assert call(pl, p.CREATE, {"Name": "n1", "Opts": NFS_OPTS}) == {"Err": ""}
+    return pl
+
+
+def test_another_type_goes_to_the_type_mounter_with_the_same_reference_counts(typed: Plugin, mounter: FakeMounter) -> None:
+    tm = typed.type_mounter
+    assert isinstance(tm, FakeTypeMounter)
+    mp = str(typed.volumes_root / "n1")
+    assert on_disk(typed)["n1"]["fs_type"] == "nfs4"
+    assert call(typed, p.GET, {"Name": "n1"})["Volume"]["Status"] == {
+        "Type": "nfs4", "Device": "203.0.113.49:/", "Mounted": False, "References": 0}
+    assert call(typed, p.MOUNT, {"Name": "n1", "ID": A}) == {"Mountpoint": mp, "Err": ""}
+    call(typed, p.MOUNT, {"Name": "n1", "ID": B})
+    assert tm.requests == [TypedMount("nfs4", "203.0.113.49:/", "vers=4.1,port=2049", mp)]
+    assert mounter.calls == []  # efsplug's own mounter never sees it
+    call(typed, p.UNMOUNT, {"Name": "n1", "ID": A})
+    assert tm.count("unmount") == 0
+    call(typed, p.UNMOUNT, {"Name": "n1", "ID": B})
+    assert tm.calls == [("mount", mp), ("unmount", mp)] and on_disk(typed)["n1"]["mounted"] is False
+    call(typed, p.MOUNT, {"Name": "n1", "ID": A})
+    assert call(typed, p.REMOVE, {"Name": "n1"}) == {"Err": ""}
+    assert tm.calls[-1] == ("unmount", mp) and mounter.calls == [] and on_disk(typed) == {}
+
+
+def test_a_missing_helper_fails_create_with_one_line_and_records_nothing(typed: Plugin) -> None:
+    err = call(typed, p.CREATE, {"Name": "s1", "Opts": {"type": "s3files", "device": "fs-0123456789abcdef0"}})["Err"]
+    assert err == "type=s3files needs the mount.s3files helper, which is not installed"
+    assert set(on_disk(typed)) == {"n1"}
+
+
+def test_a_helper_removed_after_create_fails_mount_and_changes_nothing(typed: Plugin) -> None:
+    tm = typed.type_mounter
+    assert isinstance(tm, FakeTypeMounter)
+    tm.installed.discard("nfs4")
+    assert call(typed, p.MOUNT, {"Name": "n1", "ID": A}) == {
+        "Mountpoint": "", "Err": "type=nfs4 needs the mount.nfs4 helper, which is not installed"}
+    assert on_disk(typed)["n1"]["refs"] == {} and on_disk(typed)["n1"]["mounted"] is False
+
+
+def test_the_same_name_with_another_type_is_another_definition(typed: Plugin) -> None:
+    assert call(typed, p.CREATE, {"Name": "n1", "Opts": NFS_OPTS}) == {"Err": ""}  # ECS retries
+    assert call(typed, p.CREATE, {"Name": "n1", "Opts": dict(NFS_OPTS, type="nfs")})["Err"] == (
+        "volume 'n1' already exists with different options; remove it or choose another name")

@@ -55,3 +55,17 @@ def test_unknown_mounts_under_the_root_are_reported_and_others_ignored() -> None
 def test_non_nfs_mount_at_a_volume_path_does_not_count() -> None:
     mounts = parse_mountinfo(f"90 1 0:90 / {ROOT}/v rw - tmpfs tmpfs rw\n")
     assert reconcile({"v": vol("v", True)}, mounts, ROOT).volumes["v"].mounted is False
+
+
+def test_another_types_volume_counts_any_mount_at_its_own_mountpoint() -> None:
+    # A type=nfs4 (or s3files) volume: its helper picks the file system type; S3 Files shows as
+    # nfs4 from 127.0.0.1 today, something else tomorrow. Its mountpoint is the volume's own.
+    other = Volume("o", "203.0.113.49:/", "", str(ROOT / "o"), "T", fs_type="s3files")
+    direct = parse_mountinfo(f"90 1 0:90 / {ROOT}/o rw - nfs4 203.0.113.49:/ rw,vers=4.1,addr=203.0.113.49\n")
+    assert reconcile({"o": other}, direct, ROOT).volumes["o"].mounted is True
+    fuse = parse_mountinfo(f"91 1 0:91 / {ROOT}/o rw - fuse.s3files s3files rw\n")
+    result = reconcile({"o": other}, fuse, ROOT)
+    assert result.volumes["o"].mounted is True and "adopted" in result.notes[0]
+    gone = reconcile({"o": Volume("o", "203.0.113.49:/", "", str(ROOT / "o"), "T", mounted=True, fs_type="nfs")},
+                     mountinfo(str(ROOT / "elsewhere")), ROOT)
+    assert gone.volumes["o"].mounted is False and "its mount is gone" in gone.notes[0]

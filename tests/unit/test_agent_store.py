@@ -16,6 +16,8 @@ from efsplug.agent.volumes import Volume
 V1 = Volume("v1", "fs-12345678", "tls,iam,awscredsuri=/v2/credentials/abc", "/vols/v1", "2024-05-01T10:00:00Z",
             mounted=True, refs=(("a" * 64, 2), ("b" * 64, 1)))
 V2 = Volume("v2", "fs-12345678:/x", "", "/vols/v2", "2024-05-01T10:00:01Z")
+V3 = Volume("v3", "203.0.113.49:/", "vers=4.1", "/vols/v3", "2024-05-01T10:00:02Z", mounted=True,
+            refs=(("c" * 64, 1),), fs_type="nfs4")
 WHEN = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=timezone.utc)
 
 
@@ -56,6 +58,8 @@ def test_missing_file_is_an_empty_state(tmp_path: Path) -> None:
         (b'{"version": 1, "volumes": {"v": {"device": "fs-12345678"}}}', "'options' is missing"),
         (encode({"v1": V1}).replace(b": 2", b": -2"), "'refs' must map"),
         (encode({"v1": V1}).replace(b'"mounted": true', b'"mounted": "yes"'), "'mounted' is not true/false"),
+        (encode({"v3": V3}).replace(b'"nfs4"', b'"cifs"'), "volume v3: 'fs_type' is not one of efs, nfs, nfs4, s3files"),
+        (encode({"v3": V3}).replace(b'"nfs4"', b'["nfs4"]'), "'fs_type' is not one of"),
     ],
 )
 def test_unusable_file_is_quarantined_with_a_timestamp(tmp_path: Path, content: bytes, problem: str) -> None:
@@ -87,3 +91,16 @@ def test_write_failure_is_a_user_error_naming_the_file(tmp_path: Path) -> None:
         (tmp_path / "file").write_text("x")
     with pytest.raises(StateWriteError, match="cannot write the agent state .*volumes.json"):
         store.save({"v2": V2})
+
+
+def test_the_volume_type_round_trips_and_files_without_it_are_efs(tmp_path: Path) -> None:
+    store = Store(tmp_path / "volumes.json")
+    store.save({"v1": V1, "v3": V3})
+    assert json.loads(store.path.read_text())["volumes"]["v3"]["fs_type"] == "nfs4"
+    assert store.load().volumes == {"v1": V1, "v3": V3}
+    old = json.loads(store.path.read_text())
+    for item in old["volumes"].values():
+        del item["fs_type"]  # as written before volume types existed
+    store.path.write_text(json.dumps(old))
+    loaded = store.load().volumes
+    assert loaded["v1"] == V1 and loaded["v1"].fs_type == "efs" and loaded["v3"].fs_type == "efs"

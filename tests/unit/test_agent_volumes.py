@@ -42,7 +42,7 @@ def test_status_shows_no_credentials_uri() -> None:
     [
         ({}, "volume option 'device' is missing"),
         ({"type": "efs", "o": "tls"}, "volume option 'device' is missing"),
-        ({"type": "nfs", "device": FS}, "type='nfs' is not supported; use type=efs"),
+        ({"type": "cifs", "device": FS}, "type='cifs' is not supported; use type=efs, nfs, nfs4 or s3files"),
         ({"device": FS, "size": "10G"}, "volume option 'size' is not supported"),
         ({"device": "fs-xyz"}, "is not an EFS file system"),
     ],
@@ -62,7 +62,7 @@ def test_option_errors_are_the_mount_helpers_own(o: str) -> None:
 
 
 def test_type_may_be_omitted() -> None:
-    assert validate_driver_opts({"device": f"{FS}:/data"}) == (f"{FS}:/data", "")
+    assert validate_driver_opts({"device": f"{FS}:/data"}) == ("efs", f"{FS}:/data", "")
 
 
 def test_references_count_per_id_and_the_same_id_twice_counts_twice() -> None:

@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import fcntl
 import os
+import stat
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -45,14 +46,20 @@ def check_namespace(netns: str) -> None:
 
 @contextlib.contextmanager
 def opened(netns: str) -> Iterator[int]:
+    """The namespace file, open. Only a regular file is opened (a namespace file is one), and
+    without blocking: opening a FIFO would hang the mount (and the volume's lock) forever,
+    and opening some devices has effects of its own (a watchdog starts counting down)."""
     path = netns_path(netns)
+    hint = "pass the task's namespace, e.g. /proc/<pid>/ns/net of its pause container"
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise MountFailure(f"netns {shown(netns)} is not a network namespace; {hint}")
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
     except OSError as exc:
-        raise MountFailure(
-            f"netns {path}: {exc.strerror}; pass the task's namespace, e.g. /proc/<pid>/ns/net of its pause container"
-        ) from None
+        raise MountFailure(f"netns {path}: {exc.strerror}; {hint}") from None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped after the check above
+            raise MountFailure(f"netns {shown(netns)} is not a network namespace; {hint}")
         yield fd
     finally:
         os.close(fd)

@@ -328,9 +328,19 @@ def test_web_identity_token_file_missing(host: Host) -> None:
 @pytest.mark.parametrize("netns, message", [
     ("/run/netns/efsplug-no-such-ns", "netns /run/netns/efsplug-no-such-ns: No such file or directory"),
     ("/proc/self/ns/uts", "netns '/proc/self/ns/uts' is not a network namespace"),
-], ids=["missing", "not-a-network-namespace"])
+    ("/dev/null", "netns '/dev/null' is not a network namespace"),
+], ids=["missing", "not-a-network-namespace", "a-device"])
 def test_bad_netns(host: Host, netns: str, message: str) -> None:
     refused(host.run(mount_args(host, f"tls,netns={netns},mounttargetip=127.0.0.1")), 32, message)
+    nothing_left(host)
+
+
+def test_netns_fifo_is_refused_without_blocking(host: Host) -> None:
+    """Opening a FIFO blocks until a writer comes: the mount (and a volume's lock) would hang."""
+    fifo = host.root / "netns-fifo"
+    os.mkfifo(fifo)
+    res = host.run(mount_args(host, f"tls,netns={fifo},mounttargetip=127.0.0.1"))
+    refused(res, 32, f"netns '{fifo}' is not a network namespace")
     nothing_left(host)
 
 

@@ -20,9 +20,10 @@ DEFAULT_NFS_PORT = 2049
 _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _DOTTED_NUMERIC = re.compile(r"[0-9.]+")
 _IPV6_TEXT = re.compile(r"[0-9A-Fa-f:.]+")  # no brackets, no %zone
-# Backslash included: per-mount directories carry systemd-style escapes (/mnt/my-efs ->
-# mnt-my\x2defs, see state.escape_path); stunnel gives it no meaning in a value.
-_SAFE_PATH = re.compile(r"/[A-Za-z0-9_./@+\\-]*")
+# Backslash, ':' and '~' included: per-mount directories carry systemd-style escapes
+# (/mnt/my-efs -> mnt-my\x2defs, ':' kept, see state.escape_path) and a long mount point's
+# name ends in ~<hash>; stunnel gives none of them a meaning in a path value.
+_SAFE_PATH = re.compile(r"/[A-Za-z0-9_./@+:~\\-]*")
 _MAX_PATH = 4096
 
 
@@ -88,7 +89,7 @@ def _check_path(field_name: str, value: object) -> None:
         raise _fail(
             field_name,
             value,
-            "must be an absolute path of letters, digits and _ . / @ + - \\ only",
+            "must be an absolute path of letters, digits and _ . / @ + : ~ - \\ only",
         )
     if len(value) > _MAX_PATH:
         raise _fail(field_name, value, f"is longer than {_MAX_PATH} characters")

@@ -115,6 +115,17 @@ def test_access_points_are_separate_roots(bed: Bed, clean_guest: Bed) -> None:
             assert record_for(bed, "/mnt/ap-b")["access_point"] == b.id
 
 
+@pytest.mark.parametrize("mountpoint", [
+    "/var/lib/ecs/volumes/ecs-" + "long-task-family-" * 12 + "3-data-e4b1c2d3e4f5a6b7c8d9",
+    "/mnt/with:colon",
+], ids=["long-ecs-volume-name", "colon"])
+def test_iam_access_point_mount_at_a_long_or_unusual_mount_point(bed: Bed, clean_guest: Bed, mountpoint: str) -> None:
+    ap = bed.access_points[0]
+    with mount_of(bed, mountpoint, f"tls,iam,accesspoint={ap.id}"):
+        write_and_find(bed, mountpoint, ap.export_dir)
+        assert record_for(bed, mountpoint)["access_point"] == ap.id
+
+
 def test_accesspoint_without_iam(bed: Bed, clean_guest: Bed) -> None:
     """An access point alone travels in a certificate with no IAM block."""
     ap = bed.access_points[0]

@@ -6,7 +6,11 @@ import dataclasses
 from typing import Dict, List
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from efsplug import state
+from efsplug.state import MountRecord
 from efsplug.stunnel import TunnelSpec, render
 
 DNS = "us-east-1a.fs-0123456789abcdef0.efs.us-east-1.amazonaws.com"
@@ -243,3 +247,31 @@ def test_render_rechecks_a_tampered_spec() -> None:
     object.__setattr__(spec, "cafile", "/x\n[evil]")
     with pytest.raises(ValueError, match="cafile"):
         render(spec)
+
+
+# Any mount point the kernel takes (no NUL, components of at most 255 bytes): the tunnel's
+# files in its per-mount directory must be accepted and rendered unchanged.
+_COMPONENT = st.text(st.characters(blacklist_characters="\x00/", blacklist_categories=("Cs",)), min_size=1,
+                     max_size=60).filter(lambda c: len(c.encode()) <= 255 and c not in (".", ".."))
+
+
+def _accepted_and_rendered_unchanged(mountpoint: str) -> None:
+    record = MountRecord(fs_id="fs-0123456789abcdef0", mountpoint=mountpoint, port=20049)
+    mount_dir = "/var/run/efs/" + state.file_name(record)[: -len(state.SUFFIX)]
+    spec = full_spec(cert_file=f"{mount_dir}/certificate.pem", key_file="/var/run/efs/privateKey.pem",
+                     debug_log=f"{mount_dir}/stunnel.log")
+    assert ["cert", f"{mount_dir}/certificate.pem"] in parse(render(spec))["efs"]
+
+
+@given(st.lists(_COMPONENT, min_size=1, max_size=12))
+def test_every_mount_point_gives_tunnel_paths_stunnel_takes(components: List[str]) -> None:
+    _accepted_and_rendered_unchanged("/" + "/".join(components))
+
+
+@pytest.mark.parametrize("mountpoint", [
+    # A long ECS volume name (long task family): its directory name is cut and ends in ~<hash>.
+    "/var/lib/ecs/volumes/ecs-" + "long-task-family-" * 12 + "3-data-e4b1c2d3e4f5a6b7c8d9",
+    "/mnt/with:colon", "/mnt/ümlaut ünd space",
+])
+def test_long_and_unusual_mount_points(mountpoint: str) -> None:
+    _accepted_and_rendered_unchanged(mountpoint)

@@ -1,5 +1,6 @@
 """The agent serving a real dockerd inside the kernel guest, mounting the bed's EFS through
-TLS + IAM + an access point, driven exactly as plain `docker` and the ECS agent drive it."""
+TLS + IAM + an access point, driven exactly as plain `docker` and the ECS agent drive it;
+and a type=nfs4 volume, mounted with `mount -t nfs4` straight from the bed's NFS server."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Iterator, List
 
 import pytest
 
-from efsbed.bed import Bed
+from efsbed.bed import NFS_IP, Bed
 from efsbed.docker import IMAGE, SEED, GuestDocker
 from efsbed.guestdaemons import GuestAgent
 
@@ -205,3 +206,53 @@ def test_kill_9_of_the_agent_leaves_live_mounts_untouched(
         docker.docker("rm", "-f", "holder")
         docker.docker("volume", "rm", "survivor")
 
+
+
+def test_a_type_nfs4_volume_mounts_the_nfs_server_directly(
+    clean_guest: Bed, docker: GuestDocker, agent: GuestAgent
+) -> None:
+    bed = clean_guest
+    name, marker = f"plain-{secrets.token_hex(4)}", f"via-nfs4-{secrets.token_hex(4)}"
+    written = bed.export_dir / marker  # the root export, as the host sees it
+    try:
+        res = docker.docker("volume", "create", "--driver", DRIVER, "--opt", "type=nfs4",
+                            "--opt", f"device={NFS_IP}:/", "--opt", "o=vers=4.1,port=2049", name)
+        assert res.rc == 0, res.stderr
+        inspected = json.loads(docker.docker("volume", "inspect", name, check=True).stdout)[0]
+        assert inspected["Status"] == {"Type": "nfs4", "Device": f"{NFS_IP}:/", "Mounted": False, "References": 0}
+
+        docker.run_detached("plainbox", ["--network", "none", "-v", f"{name}:/data"],
+                            ["sh", "-c", f"echo through-plain-nfs > /data/{marker}; exec sleep 3600"])
+        assert wait_for_file(written) == "through-plain-nfs\n"
+        mounts = nfs_mounts(bed)
+        assert len(mounts) == 1 and mounts[0].startswith(f"{NFS_IP}:/ {ROOT}/{name} nfs4 "), mounts
+        assert f"addr={NFS_IP}" in mounts[0]
+        # efsplug made the kernel mount and nothing else: no tunnel, no state record.
+        assert tunnels(bed) == [] and bed.run(["pgrep", "-x", "stunnel"]).stdout == ""
+        assert bed.run(["sh", "-c", "ls /run/efs/*.json 2>/dev/null"]).stdout == ""
+        saved = agent.state()[name]
+        assert (saved["fs_type"], saved["mounted"], sum(saved["refs"].values())) == ("nfs4", True, 1)
+
+        docker.docker("stop", "-t", "1", "plainbox", check=True)  # the last Unmount unmounts
+        assert nfs_mounts(bed) == [] and agent.state()[name]["mounted"] is False
+        docker.docker("rm", "plainbox", check=True)
+        assert docker.docker("volume", "rm", name).rc == 0
+        assert name not in agent.state() and nfs_mounts(bed) == []
+        assert written.read_text() == "through-plain-nfs\n"  # unmounting keeps the data, of course
+    finally:
+        docker.docker("rm", "-f", "plainbox")
+        docker.docker("volume", "rm", name)
+        written.unlink(missing_ok=True)
+
+
+def test_type_s3files_without_its_helper_fails_docker_volume_create_with_our_err(
+    clean_guest: Bed, docker: GuestDocker, agent: GuestAgent
+) -> None:
+    res = docker.docker("volume", "create", "-d", DRIVER, "-o", "type=s3files",
+                        "-o", "device=fs-0123456789abcdef0", "s3vol")
+    assert res.rc != 0
+    assert ("type=s3files needs the mount.s3files helper, which is not installed (looked in /sbin, /usr/sbin, "
+            "/bin, /usr/bin); install the S3 Files mount helper (amazon-efs-utils 3.x ships it) or use type=efs"
+            ) in res.stderr, res.stderr
+    assert "s3vol" not in docker.docker("volume", "ls", "-q").stdout.split()
+    assert "s3vol" not in agent.state()

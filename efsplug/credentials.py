@@ -2,16 +2,19 @@
 
 The source that answered is returned with the credentials so the supervisor can renew the
 certificate later from the same place (a task's credentials endpoint, a profile, ...).
-A `CredentialSource` never holds a secret: it names where to look, not what was found.
+A `CredentialSource` names where to look, not what was found; a task's credentials URI
+in it is shown only as a tag (see SECRET_DETAIL_KINDS).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, List, Mapping, Optional, Tuple
 
+from efsplug.errors import shown
 from efsplug.imds import InstanceMetadata, MetadataUnavailable, http_request
 
 if TYPE_CHECKING:
@@ -27,22 +30,52 @@ class CredentialsUnavailable(Exception):
     """No credentials from the requested or any default source; the message says where we looked."""
 
 
+# A task's credentials URI is itself a credential: whoever knows it on the host can fetch
+# the task role's keys. Such details are kept (in the root-only record, to renew) but only
+# ever shown as a short tag that cannot be turned back into the URI.
+SECRET_DETAIL_KINDS = ("awscredsuri", "container")
+
+
+def detail_tag(detail: str) -> str:
+    return "#" + hashlib.sha256(detail.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+
+
 @dataclass(frozen=True)
 class CredentialSource:
     kind: str  # awscredsuri | profile | container | webidentity | instance
     # The URI, profile name, or "<role ARN> <token file>" (an ARN has no spaces; without
-    # the file, AWS_WEB_IDENTITY_TOKEN_FILE names it); never a secret.
+    # the file, AWS_WEB_IDENTITY_TOKEN_FILE names it). A URI is secret: see __str__.
     detail: str = ""
 
     def __str__(self) -> str:
+        """What logs, errors and status show: a secret detail as its tag only."""
+        if not self.detail:
+            return self.kind
+        if self.kind in SECRET_DETAIL_KINDS:
+            return f"{self.kind} {detail_tag(self.detail)}"
+        return f"{self.kind}:{self.detail}"
+
+    @property
+    def persisted(self) -> str:
+        """The full form, for the root-only mount record the supervisor renews from; never shown."""
         return f"{self.kind}:{self.detail}" if self.detail else self.kind
 
     @classmethod
     def parse(cls, text: str) -> "CredentialSource":
         kind, _, detail = text.partition(":")
         if kind not in _FETCHERS:
-            raise ValueError(f"unknown credential source {text!r}")
+            raise ValueError(f"unknown credential source kind {shown(kind)}")
         return cls(kind, detail)
+
+
+def shown_source(persisted: Optional[str]) -> Optional[str]:
+    """A record's credential source as it may be shown (see CredentialSource.__str__)."""
+    if not persisted:
+        return persisted
+    try:
+        return str(CredentialSource.parse(persisted))
+    except ValueError:
+        return "unknown source"
 
 
 def find_credentials(
@@ -104,12 +137,12 @@ def _default_chain(environ: Mapping[str, str]) -> List[CredentialSource]:
 
 
 def _from_task_endpoint(uri: str, environ: Mapping[str, str], _region: Optional[str] = None) -> AwsCredentials:
-    return _get_container_json(ECS_CREDENTIALS_ENDPOINT + uri, headers={}, label=f"awscredsuri {uri}")
+    return _get_container_json(ECS_CREDENTIALS_ENDPOINT + uri, headers={}, label=f"awscredsuri {detail_tag(uri)}")
 
 
 def _from_container_env(detail: str, environ: Mapping[str, str], _region: Optional[str] = None) -> AwsCredentials:
     if detail.startswith("/"):
-        return _get_container_json(ECS_CREDENTIALS_ENDPOINT + detail, headers={}, label=f"container credentials {detail}")
+        return _get_container_json(ECS_CREDENTIALS_ENDPOINT + detail, headers={}, label=f"container credentials {detail_tag(detail)}")
     headers = {}
     token_file = environ.get("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE")
     token = Path(token_file).read_text().strip() if token_file else environ.get("AWS_CONTAINER_AUTHORIZATION_TOKEN")

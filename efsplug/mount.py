@@ -187,7 +187,7 @@ def _start_tunnel(
         record = state.MountRecord(
             fs_id=request.fs_id, mountpoint=str(request.mountpoint), path=request.path, port=reservation.port,
             access_point=request.accesspoint, netns=request.netns, region=region, tls=True, iam=request.iam,
-            credential_source=str(identity.source) if identity.source else None,
+            credential_source=identity.source.persisted if identity.source else None,
             credential_expiry=identity.credentials.expiry if identity.credentials else None,
         )
         mount_dir = state_dir / state.file_name(record)[: -len(state.SUFFIX)]

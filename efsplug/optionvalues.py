@@ -106,7 +106,9 @@ def _pattern(regex: "re.Pattern[str]", fix: str):
 
 def _creds_uri(name: str, value: str) -> str:
     if not CREDS_URI_RE.fullmatch(value) or value.startswith("//") or has_dotdot(value):
-        raise bad(name, value, "use an absolute path like /v2/credentials/<id>")
+        # Not echoed, even malformed: it is meant to be a credential (a typo of a real one).
+        raise UsageError(f"option '{name}' value (not shown: it is a credential) is invalid; "
+                         "use an absolute path like /v2/credentials/<id>")
     return value
 
 

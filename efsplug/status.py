@@ -20,6 +20,7 @@ from typing import Callable, List, Optional
 from efsplug import state
 from efsplug.config import load_config
 from efsplug.ecsconfig import ecs_config_path, load_ecs_config
+from efsplug.credentials import shown_source
 from efsplug.errors import EfsplugError
 from efsplug.mounttable import KernelMount, ports_in_use, read_mounts
 from efsplug.state import MountRecord
@@ -88,7 +89,7 @@ def view(record: MountRecord, mounts: List[KernelMount], state_dir: Path, superv
         mountpoint=record.mountpoint, fs_id=record.fs_id, path=record.path, state=current, reason=reason,
         mounted=mounted, port=record.port, tunnel_pid=record.tunnel.pid if record.tunnel else None,
         tunnel_alive=tunnel is not None, tunnel_listening=listening, access_point=record.access_point,
-        credential_source=record.credential_source, credential_expiry=iso(record.credential_expiry),
+        credential_source=shown_source(record.credential_source), credential_expiry=iso(record.credential_expiry),
         cert_expiry=iso(record.cert_not_after), netns=record.netns,
     )
 

@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import List, Optional, Tuple
 
 from efsplug.certificate import NOT_BEFORE_SLACK
+from efsplug.credentials import shown_source
 from efsplug.state import MountRecord
 
 RESTART_TUNNEL = "restart-tunnel"
@@ -174,13 +175,13 @@ def decide(key: str, record: MountRecord, obs: Observation, track: Tracking, now
         else:
             wakes.append(due)
     if track.revoked_since is not None:
-        state, reason = CREDENTIALS_REVOKED, f"credential source {record.credential_source} is gone"
+        state, reason = CREDENTIALS_REVOKED, f"credential source {shown_source(record.credential_source)} is gone"
 
     task_gone = None
     if record.netns and not obs.netns_present:
         task_gone = f"network namespace {record.netns} is gone"
     elif track.revoked_since is not None and source_kind(record) in TASK_SOURCES:
-        task_gone = f"task credentials {record.credential_source} were removed"
+        task_gone = f"task credentials {shown_source(record.credential_source)} were removed"
     idle = None if refs_held else (task_gone or ("no Docker references" if obs.references == 0 else None))
     if idle is None or not obs.mounted:
         track = replace(track, idle_since=None, idle_reason="", unmount_requested=False)

@@ -12,13 +12,16 @@ import secrets
 
 import pytest
 
-from efsbed.bed import MT_IPV6, Bed
+from efsbed.bed import MT_IPV6, REPO, Bed
+from efsplug.credentials import detail_tag
 from efsbed.guestmount import (
     NOTHING_LEFT, accepted_as, leftovers, guest_config, guest_file, mount, mount_of, new_connections, profile_text,
     record_for, records, sh, write_and_find,
 )
 
 pytestmark = pytest.mark.guest
+
+EFSPLUG = REPO / ".venv" / "bin" / "efsplug"
 
 
 # --- data paths -----------------------------------------------------------------------------
@@ -79,7 +82,9 @@ def test_tls_iam_with_awscredsuri(bed: Bed, clean_guest: Bed) -> None:
         with mount_of(bed, "/mnt/task", f"tls,iam,awscredsuri={uri}"):
             write_and_find(bed, "/mnt/task", bed.export_dir)
             record = record_for(bed, "/mnt/task")
-            assert record["credential_source"] == f"awscredsuri:{uri}"
+            assert record["credential_source"] == f"awscredsuri:{uri}"  # root-only: the supervisor renews from it
+            status = bed.run([str(EFSPLUG), "status"]).stdout + bed.run([str(EFSPLUG), "status", "--json"]).stdout
+            assert f"awscredsuri {detail_tag(uri)}" in status and rel not in status, status
             assert record["credential_expiry"] == c.expiry.isoformat()
     finally:
         bed.task_credentials.revoke(rel)

@@ -14,6 +14,7 @@ import pytest
 
 from efsbed import iam
 from efsbed.bed import Bed
+from efsplug.credentials import detail_tag
 from efsbed.guestmount import (
     NOTHING_LEFT, guest_file, kernel_mounts, task_netns, leftovers, mount, mount_of, new_connections, profile_text, record_for,
     records, sh, write_and_find,
@@ -76,9 +77,9 @@ def test_awscredsuri_revoked_before_the_mount(bed: Bed, clean_guest: Bed) -> Non
     before = len(bed.endpoint.connection_events())
     res = mount(bed, "/mnt/refused", f"tls,iam,awscredsuri={uri}")
     assert res.stderr.splitlines() == [
-        f"mount.efs: awscredsuri {uri} answered HTTP 400; the task's credentials are gone (task stopped?) or the "
-        "URI is wrong"]
-    assert res.rc == 32 and c.access_key_id not in res.stderr
+        f"mount.efs: awscredsuri {detail_tag(uri)} answered HTTP 400; the task's credentials are gone (task "
+        "stopped?) or the URI is wrong"]
+    assert res.rc == 32 and c.access_key_id not in res.stderr and rel not in res.stderr
     assert new_connections(bed, before) == []  # nothing was sent to the mount target
     assert leftovers(bed) == NOTHING_LEFT
 

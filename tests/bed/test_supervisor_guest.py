@@ -18,6 +18,7 @@ from efsbed.bed import REPO, Bed
 from efsbed.guestdaemons import GuestSupervisor
 from efsbed.procs import wait_until
 from efsplug.certificate import OID_CLIENT_AUTH
+from efsplug.credentials import detail_tag
 
 pytestmark = pytest.mark.guest
 
@@ -187,13 +188,16 @@ def test_revoked_task_credentials(configure, supervisors, clean_guest: Bed) -> N
     configure(tls_cert_renewal_interval_sec=3)
     rel_id = "sup-" + secrets.token_hex(6)
     bed.task_credentials.grant(rel_id)
-    supervisors()
+    sup = supervisors()
     mount(bed, "/mnt/suptask", f"tls,iam,awscredsuri=/v2/credentials/{rel_id}")
     try:
         bed.task_credentials.revoke(rel_id)
         view = wait_until(lambda: [v for v in status(bed) if v["mountpoint"] == "/mnt/suptask"
                                    and v["state"] == "credentials-revoked"], 30, "credentials-revoked")
-        assert rel_id in view[0]["credential_source"]
+        # The URI fetches the task role's keys: status, its reason and the log show only a tag.
+        assert view[0]["credential_source"] == f"awscredsuri {detail_tag(f'/v2/credentials/{rel_id}')}"
+        shown = json.dumps(view) + bed.run([EFSPLUG, "status"]).stdout + sup.log()
+        assert rel_id not in shown, shown
         start = bed.task_credentials.requests(rel_id)
         time.sleep(60)  # the measurement window itself
         made = bed.task_credentials.requests(rel_id) - start

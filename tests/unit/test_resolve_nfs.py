@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from efsplug.credentials import CredentialSource
+from efsplug.credentials import CredentialSource, shown_source
 from efsplug.errors import MountFailure
 from efsplug.nfs import NfsMount, explain, read_tunnel_log, retryable, tunnel_diagnosis
 from efsplug.resolve import choose_mount_target
@@ -72,11 +72,32 @@ def test_nfs_errors_explained(stderr, hint):
 
 def test_credential_source_round_trip_and_no_secret():
     source = CredentialSource("awscredsuri", "/v2/credentials/abc")
-    assert str(source) == "awscredsuri:/v2/credentials/abc"
-    assert CredentialSource.parse(str(source)) == source
+    assert source.persisted == "awscredsuri:/v2/credentials/abc"
+    assert CredentialSource.parse(source.persisted) == source
     assert CredentialSource.parse("instance") == CredentialSource("instance")
-    with pytest.raises(ValueError, match="unknown credential source"):
+    with pytest.raises(ValueError, match="unknown credential source kind 'password'") as err:
         CredentialSource.parse("password:hunter2")
+    assert "hunter2" not in str(err.value)
+
+
+@pytest.mark.parametrize("source", [
+    CredentialSource("awscredsuri", "/v2/credentials/6f1e2d3c-secret"),
+    CredentialSource("container", "/v2/credentials/6f1e2d3c-secret"),
+    CredentialSource("container", "http://169.254.170.23/v1/credentials/6f1e2d3c-secret"),
+])
+def test_a_credentials_uri_is_shown_only_as_a_tag(source: CredentialSource) -> None:
+    """The URI fetches the task role's keys: shown, it is a short tag that cannot be turned back."""
+    text = str(source)
+    assert "secret" not in text and "/v2/" not in text
+    assert text.startswith(source.kind + " #") and len(text) == len(source.kind) + 10
+    assert shown_source(source.persisted) == text
+    assert str(CredentialSource("awscredsuri", "/v2/credentials/other")) != text
+
+
+def test_sources_without_secrets_are_shown_whole() -> None:
+    assert str(CredentialSource("profile", "efs-team")) == "profile:efs-team"
+    assert shown_source("instance") == "instance" and shown_source(None) is None
+    assert shown_source("password:hunter2") == "unknown source"
 
 
 # --- what the tunnel's log tells (pure) --------------------------------------------------------

@@ -71,8 +71,9 @@ class BedProcess:
                 self.popen.wait(timeout=wait)
             except subprocess.TimeoutExpired:
                 continue
-            # The leader is gone; members of its group may linger.
-            if not _group_members(self.popen.pid):
+            # The leader is gone; members of its group may still be dying (a killed
+            # user-mode Linux takes a moment to take its host processes down).
+            if self._group_gone(wait):
                 return
         # Last resort for members that ignored SIGKILL's predecessor.
         for p in _group_members(self.popen.pid):
@@ -80,6 +81,14 @@ class BedProcess:
                 p.kill()
             except psutil.Error:
                 pass
+        self._group_gone(5.0)
+
+    def _group_gone(self, timeout: float) -> bool:
+        try:
+            wait_until(lambda: not _group_members(self.popen.pid), timeout, f"{self.name}'s process group to exit")
+            return True
+        except TimeoutError:
+            return False
 
 
 class Service:

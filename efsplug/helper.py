@@ -7,11 +7,16 @@ itself fails. Every failure is one line on stderr that names the cause and the f
 from __future__ import annotations
 
 import sys
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 from efsplug import __version__
 from efsplug.errors import EXIT_MOUNT_FAILURE, EfsplugError
 from efsplug.options import USAGE
+
+if TYPE_CHECKING:
+    from efsplug.cloudwatch import LogSink
+    from efsplug.config import Config
+    from efsplug.options import MountRequest
 
 PROG = "mount.efs"
 
@@ -29,23 +34,61 @@ def main(argv: Optional[List[str]] = None) -> int:
     from efsplug.mount import Timings, mount_efs
     from efsplug.options import parse_mount_args
 
+    sink: Optional[LogSink] = None
+    request: Optional[MountRequest] = None
     try:
         request = parse_mount_args(args)
         loaded = load_config()
         for warning in loaded.warnings:
             print(f"{PROG}: warning: {warning}", file=sys.stderr)
+        sink = _start_sink(request, loaded.config)
         timings = Timings()
         record = mount_efs(request, loaded.config, timings=timings)
     except EfsplugError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
+        _finish_sink(sink, request, f"{exc}", exc.exit_code)
         return exc.exit_code
     except Exception as exc:  # a bug: still one line, still no traceback full of values
         print(f"{PROG}: internal error ({type(exc).__name__}); rerun with -v and report it", file=sys.stderr)
+        _finish_sink(sink, request, f"internal error ({type(exc).__name__})", EXIT_MOUNT_FAILURE)
         return EXIT_MOUNT_FAILURE
     if request.verbose:
         where = f" through 127.0.0.1:{record.port}" if record else ""
         print(f"{PROG}: mounted {request.fs_id}:{request.path} at {request.mountpoint}{where} ({timings.line()})")
+    _finish_sink(sink, request, None, 0, port=record.port if record else None)
     return 0
+
+
+def _start_sink(request: MountRequest, config: Config) -> Optional[LogSink]:
+    """[cloudwatch-log] enabled: a sink that finds its way (IMDS, botocore) while the mount runs."""
+    if not config.cloudwatch_log.enabled or request.fake:
+        return None
+    try:
+        from efsplug.cloudwatch import start_sink
+
+        return start_sink(config, fs_id=request.fs_id, region=request.region, profile=request.awsprofile)
+    except Exception as exc:  # never let log shipping change a mount's outcome
+        print(f"{PROG}: warning: CloudWatch Logs: not started ({type(exc).__name__})", file=sys.stderr)
+        return None
+
+
+def _finish_sink(sink: Optional[LogSink], request: Optional[MountRequest], error: Optional[str], exit_code: int,
+                 port: Optional[int] = None) -> None:
+    """The outcome line to CloudWatch Logs, then a bounded wait for delivery; one warning if it failed."""
+    if sink is None:
+        return
+    from efsplug.cloudwatch import mount_failed, mount_succeeded
+
+    try:
+        sink.emit(mount_succeeded(request, port) if error is None else mount_failed(request, error, exit_code))
+        report = sink.close()
+        warning = report.warning()
+        if warning:
+            print(f"{PROG}: warning: {warning}", file=sys.stderr)
+        elif request.verbose:
+            print(f"{PROG}: {report.summary()}")
+    except Exception as exc:  # never let log shipping change a mount's outcome
+        print(f"{PROG}: warning: CloudWatch Logs: internal error ({type(exc).__name__})", file=sys.stderr)
 
 
 if __name__ == "__main__":

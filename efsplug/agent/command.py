@@ -22,6 +22,7 @@ from efsplug.agent.reconcile import reconcile
 from efsplug.agent.server import AgentServer, RequestLog, bind_socket
 from efsplug.sdnotify import notify
 from efsplug.agent.store import DEFAULT_STATE_PATH, Store
+from efsplug.cloudwatch import AGENT_LOG, FLUSH_TIMEOUT, LogSink, SinkHandler, start_sink
 from efsplug.config import load_config
 from efsplug.errors import EfsplugError
 from efsplug.mounttable import read_mounts
@@ -69,7 +70,8 @@ def build_plugin(args: argparse.Namespace) -> Plugin:
 # reaps what is gone; in process, it asks the plugin how many Docker references a
 # mountpoint has (a referenced volume is never reaped) and is told when they change.
 # With [mount-watchdog] enabled = false, or --no-supervisor, nothing is started.
-def start_supervisor(args: argparse.Namespace, plugin: Plugin) -> Optional["Supervisor"]:
+def start_supervisor(args: argparse.Namespace, plugin: Plugin,
+                     sink: Optional[LogSink] = None) -> Optional["Supervisor"]:
     if args.no_supervisor:
         return None
     loaded = load_config(args.config)
@@ -78,6 +80,8 @@ def start_supervisor(args: argparse.Namespace, plugin: Plugin) -> Optional["Supe
         return None
     logging.basicConfig(level=getattr(logging, loaded.config.default.logging_level),
                         format="efsplug agent: supervisor %(levelname)s %(message)s", stream=sys.stderr)
+    if sink is not None:  # the supervisor's actions go to CloudWatch Logs too
+        logging.getLogger("efsplug.supervisor").addHandler(SinkHandler(sink))
     supervisor = Supervisor(loaded.config, references=plugin.references)
     plugin.on_change = supervisor.notify
     supervisor.start()
@@ -90,13 +94,35 @@ def stop_supervisor(supervisor: Optional["Supervisor"]) -> None:
 # ----------------------------------------------------------------------------------------
 
 
+# ---- CLOUDWATCH LOGS -------------------------------------------------------------------
+# [cloudwatch-log] enabled = true: each request's log line and the supervisor's actions also
+# go to CloudWatch Logs, through one bounded queue and thread (efsplug/cloudwatch.py), to
+# the stream "<instance-id> - efsplug-agent.log". Read at start: a change needs a restart.
+def start_cloudwatch(args: argparse.Namespace) -> Optional[LogSink]:
+    config = load_config(args.config).config
+    if not config.cloudwatch_log.enabled:
+        return None
+    return start_sink(config, log_name=AGENT_LOG, warn=say)
+
+
+def stop_cloudwatch(sink: Optional[LogSink]) -> None:
+    if sink is None:
+        return
+    report = sink.close(FLUSH_TIMEOUT)
+    say(report.warning() or report.summary())
+# ----------------------------------------------------------------------------------------
+
+
 def run(args: argparse.Namespace) -> int:
+    sink: Optional[LogSink] = None
     try:
         plugin = build_plugin(args)
-        server = AgentServer(bind_socket(args.socket), plugin, RequestLog())
-        supervisor = start_supervisor(args, plugin)
+        sink = start_cloudwatch(args)
+        server = AgentServer(bind_socket(args.socket), plugin, RequestLog(sink=sink))
+        supervisor = start_supervisor(args, plugin, sink)
     except (EfsplugError, OSError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr, flush=True)
+        stop_cloudwatch(sink)
         return 1
     stopping = threading.Event()
 
@@ -119,5 +145,6 @@ def run(args: argparse.Namespace) -> int:
         if not server.wait_idle(DRAIN_TIMEOUT):
             say("requests still running at shutdown; exiting anyway")
         stop_supervisor(supervisor)
+        stop_cloudwatch(sink)
     say("stopped; mounts left in place")
     return 0

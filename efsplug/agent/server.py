@@ -16,11 +16,14 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Optional, TextIO
+from typing import TYPE_CHECKING, Optional, TextIO
 
 from efsplug.agent import protocol
 from efsplug.agent.plugin import Answer, Plugin
 from efsplug.errors import EfsplugError
+
+if TYPE_CHECKING:
+    from efsplug.cloudwatch import LogSink
 
 SOCKET_MODE = 0o660
 IDLE_TIMEOUT = 300.0  # an idle keep-alive connection's thread ends after this
@@ -72,10 +75,14 @@ def _answers(path: Path) -> bool:
 
 
 class RequestLog:
-    """One line per request on stdout (journald): endpoint, volume, duration, outcome."""
+    """One line per request on stdout (journald): endpoint, volume, duration, outcome.
 
-    def __init__(self, out: Optional[TextIO] = None) -> None:
+    With a sink ([cloudwatch-log] enabled), the same line goes to CloudWatch Logs too.
+    """
+
+    def __init__(self, out: Optional[TextIO] = None, sink: Optional[LogSink] = None) -> None:
         self.out = out
+        self.sink = sink
         self._lock = threading.Lock()
 
     def request(self, endpoint: str, answer: Answer, seconds: float) -> None:
@@ -87,6 +94,8 @@ class RequestLog:
         with self._lock:
             out.write(line)
             out.flush()
+        if self.sink is not None:
+            self.sink.emit(line.rstrip("\n"))  # never blocks: a bounded queue
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):

@@ -1,8 +1,8 @@
 """[cloudwatch-log] on the host against a real CloudWatch Logs API (moto in server mode), and
 against a stalled one (a socket that accepts and never answers).
 
-The sink in process, and the real `mount.efs` as a process (a mount that fails before NFS:
-the host has no NFS server). Network safety as in test_mount_host.py:
+The sink in process; the real `mount.efs` (a mount that fails before NFS: the host has no NFS
+server) and the real `efsplug agent` as processes. Network safety as in test_mount_host.py:
 only loopback, IMDS disabled, the region in the config, moto's dummy keys in the environment.
 """
 
@@ -21,6 +21,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from efsbed import procs
+from efsbed.agent_harness import EFSPLUG, PluginClient
 from efsbed.aws import DUMMY_ENV, MotoServer, client
 from efsbed.bed import MOUNT_EFS
 from efsplug import cloudwatch as cw
@@ -194,3 +195,35 @@ def test_mount_with_cloudwatch_unreachable_keeps_its_exit_code(tmp_path: Path) -
     assert took < cw.FLUSH_TIMEOUT + 5, took  # the bounded flush, plus the process's own start
     assert "7d1c5e0f" not in res.stderr
 
+
+# --- the agent ---------------------------------------------------------------------------------
+
+def test_agent_requests_and_supervisor_go_to_the_agent_stream(moto: MotoServer, tmp_path: Path, tag: str) -> None:
+    group = unique_group()
+    config = tmp_path / "efs-utils.conf"
+    config.write_text(f"[mount]\nregion = {REGION}\n[efsplug]\nstate_dir = {tmp_path / 'efs-state'}\n"
+                      f"[cloudwatch-log]\nenabled = true\nlog_group_name = {group}\n")
+    socket_path = tmp_path / "plugins" / "efs-cw.sock"
+    argv = [str(EFSPLUG), "agent", "--socket", str(socket_path), "--state", str(tmp_path / "data" / "volumes.json"),
+            "--volumes-root", str(tmp_path / "volumes"), "--config", str(config)]
+    env = {**os.environ, **SAFE_ENV, "HOME": str(tmp_path), "AWS_ENDPOINT_URL_LOGS": moto.endpoint_url}
+    agent = procs.start("agent", argv, tag=tag, log=tmp_path / "agent.log", env=env)
+    log = tmp_path / "agent.log"
+    stream = "default - efsplug-agent.log"  # no instance id: IMDS is off
+    try:
+        procs.wait_until(lambda: "serving" in log.read_text(), 20, "the agent to serve", process=agent)
+        with PluginClient(socket_path) as c:
+            assert c.call("Plugin.Activate").status == 200
+            opts = {"type": "efs", "device": FS, "o": f"tls,iam,awscredsuri={CREDS}"}
+            assert c.call("VolumeDriver.Create", {"Name": "cw1", "Opts": opts}).body == {"Err": ""}
+            assert c.call("VolumeDriver.Remove", {"Name": "cw1"}).body == {"Err": ""}
+        got = procs.wait_until(lambda: [m for m in messages(moto, group, stream) if "VolumeDriver.Remove" in m]
+                               and messages(moto, group, stream), 20, "the Remove line in CloudWatch Logs",
+                               process=agent)
+    finally:
+        agent.stop()
+    assert any(m.startswith("endpoint=Plugin.Activate volume=- ") and m.endswith("outcome=ok") for m in got), got
+    assert any(m.startswith("endpoint=VolumeDriver.Create volume=cw1 ") for m in got), got
+    assert any(m.startswith("supervisor INFO supervising efs mounts under ") for m in got), got
+    assert not any("7d1c5e0f" in m for m in messages(moto, group, stream))
+    assert re.search(r"efsplug agent: CloudWatch Logs: (\d+) of \1 events delivered to ", log.read_text()), log.read_text()

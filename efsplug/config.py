@@ -92,12 +92,13 @@ class ClientInfoConfig:
 
 @dataclass(frozen=True)
 class CloudWatchLogConfig:
-    """Parsed and checked; shipping mount logs to CloudWatch Logs is not implemented yet."""
+    """Where mount.efs and the agent send their events when enabled (efsplug/cloudwatch.py ships them)."""
 
     enabled: bool = False
     log_group_name: str = "/aws/efs/utils"
-    retention_in_days: Optional[int] = None  # None: no retention policy (the logs never expire)
-    log_stream_name: Optional[str] = None  # None: efs-utils' "<fs-id> - <instance-id> - mount.log"
+    retention_in_days: Optional[int] = None  # None: the group's policy is left as it is (a new group: never expire)
+    # None: efs-utils' "<fs-id> - <instance-id> - mount.log"; the agent's "<instance-id> - efsplug-agent.log"
+    log_stream_name: Optional[str] = None
 
 
 @dataclass(frozen=True)

@@ -165,6 +165,10 @@ def _log_size(mount: NfsMount) -> int:
         return 0
 
 
+class AttemptTimedOut(MountFailure):
+    """One mount.nfs4 run did not finish in time: a stalled mount target may recover, so it is retried."""
+
+
 def _run_attempt(argv: List[str], mount: NfsMount, timeout: float) -> "subprocess.CompletedProcess[str]":
     """One mount.nfs4 run; stopped early when the tunnel shows the server refusing us."""
     since = _log_size(mount)
@@ -189,7 +193,7 @@ def _run_attempt(argv: List[str], mount: NfsMount, timeout: float) -> "subproces
                 raise MountFailure(tunnel_diagnosis(verdict, mount) or "the server refused every connection")
             if remaining <= 0:
                 cause = tunnel_diagnosis(verdict, mount)
-                raise MountFailure(cause or (
+                raise AttemptTimedOut(cause or (
                     f"mount.nfs4 did not finish within {timeout:g}s; the server is not answering: check the "
                     "tunnel and that the mount target's security group allows TCP 2049"
                 ))
@@ -201,14 +205,25 @@ def _run_attempt(argv: List[str], mount: NfsMount, timeout: float) -> "subproces
 
 
 def mount_nfs(mount: NfsMount, *, attempts: int, attempt_timeout: float, verbose: bool = False) -> None:
-    """Run mount.nfs4, retrying retryable failures up to attempts times in all."""
+    """Run mount.nfs4, retrying retryable failures and timed-out attempts up to attempts times in all.
+
+    A timed-out attempt is retried as efs-utils retries it: a mount target that stalls for
+    longer than one attempt and then recovers still gets mounted, on the same tunnel.
+    """
     argv: List[str] = [MOUNT_NFS4, mount.source, mount.mountpoint, *mount.flags, "-o", mount.options]
     delay = 0.5
-    for attempt in range(1, max(attempts, 1) + 1):
+    attempts = max(attempts, 1)
+    for attempt in range(1, attempts + 1):
         try:
             done = _run_attempt(argv, mount, attempt_timeout)
         except FileNotFoundError:
             raise MountFailure("mount.nfs4 not found; install nfs-utils (nfs-common on Debian)") from None
+        except AttemptTimedOut as exc:
+            if attempt == attempts:
+                raise MountFailure(f"{exc} (after {attempts} attempts)") from None
+            if verbose:
+                print(f"mount.efs: retrying mount.nfs4 (attempt {attempt} timed out after {attempt_timeout:g}s)")
+            continue  # the attempt itself waited: no back-off on top
         if done.returncode == 0:
             return
         if attempt == attempts or not retryable(done.stderr, access_point=bool(mount.access_point)):

@@ -8,17 +8,19 @@ may stay), no held port lock, no mount.
 from __future__ import annotations
 
 import secrets
-from typing import Iterator
+import socket
+import threading
+from typing import Iterator, List
 
 import pytest
 
 from efsbed import iam
 from efsbed.bed import Bed
-from efsplug.credentials import detail_tag
 from efsbed.guestmount import (
-    NOTHING_LEFT, guest_file, kernel_mounts, task_netns, leftovers, mount, mount_of, new_connections, profile_text, record_for,
-    records, sh, write_and_find,
+    NOTHING_LEFT, guest_config, guest_file, kernel_mounts, leftovers, mount, mount_of, new_connections, profile_text,
+    record_for, records, sh, task_netns, write_and_find,
 )
+from efsplug.credentials import detail_tag
 
 pytestmark = pytest.mark.guest
 
@@ -82,6 +84,64 @@ def test_awscredsuri_revoked_before_the_mount(bed: Bed, clean_guest: Bed) -> Non
     assert res.rc == 32 and c.access_key_id not in res.stderr and rel not in res.stderr
     assert new_connections(bed, before) == []  # nothing was sent to the mount target
     assert leftovers(bed) == NOTHING_LEFT
+
+
+# --- a mount target that stalls longer than one attempt -----------------------------------------
+
+class SilentServer:
+    """Accepts TCP connections and never answers: an NFS server that stalls. Counts the
+    connections and sets `ended` when the first one is closed by its client."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.accepted = 0
+        self.ended = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            self.accepted += 1
+            threading.Thread(target=self._swallow, args=(conn,), daemon=True).start()
+
+    def _swallow(self, conn: socket.socket) -> None:
+        with conn:
+            while conn.recv(65536):
+                pass  # read requests, answer none
+        self.ended.set()
+
+    def close(self) -> None:
+        self.listener.close()
+        self._thread.join(5)
+
+
+def test_a_stall_longer_than_one_attempt_is_retried_on_the_same_tunnel(bed: Bed, clean_guest: Bed) -> None:
+    """The first attempt meets a silent server and times out; the mount target then recovers:
+    the next attempt (retry_nfs_mount_command_count) mounts, as efs-utils' retries do."""
+    real = bed.endpoint.routes
+    silent = SilentServer()
+    result: List[object] = []
+    try:
+        bed.endpoint.reconfigure(routes={**real, None: silent.port})
+        with guest_config(bed, "retry_nfs_mount_command_timeout_sec = 5\nretry_nfs_mount_command_count = 3\n"):
+            mounting = threading.Thread(target=lambda: result.append(mount(bed, "/mnt/stall", "tls")))
+            mounting.start()
+            assert silent.ended.wait(60), "the first attempt never gave up on the silent server"
+            bed.endpoint.reconfigure(routes=real)  # the mount target recovers
+            mounting.join(120)
+        (res,) = result
+        assert res.rc == 0, res  # type: ignore[attr-defined]
+        assert silent.accepted >= 1 and len(records(bed)) == 1
+        write_and_find(bed, "/mnt/stall", bed.export_dir)
+        assert bed.run(["umount", "/mnt/stall"], timeout=60).rc == 0
+    finally:
+        bed.endpoint.reconfigure(routes=real)
+        silent.close()
 
 
 # --- many at once ------------------------------------------------------------------------------

@@ -84,6 +84,11 @@ class EfsEndpoint(procs.Service):
         return f"EfsEndpoint({self.fs_id}, port={self._port})"
 
     @property
+    def routes(self) -> Dict[Optional[str], int]:
+        """Access point id (None: the file system root) -> its NFS server's port, as reconfigure takes them."""
+        return {(k or None): v for k, v in self._routes.items()}
+
+    @property
     def dns_name(self) -> str:
         return server_names(self.fs_id, self.region)[0]
 

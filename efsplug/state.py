@@ -2,20 +2,26 @@
 
 Records are written atomically (fsutil.atomic_write) so a crash leaves the old record or
 the new one. A record that does not parse is reported, never fatal: one bad file must
-not stop the supervisor from looking after every other mount.
+not stop the supervisor from looking after every other mount. So load() trusts nothing
+in a file: its size is bounded before it is read, its nesting and numbers before they
+are parsed, and every field's type and range before a record is made; whatever is
+wrong comes out as a StateError, never as another exception.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
+import stat
 from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from efsplug.errors import shown
 from efsplug.fsutil import atomic_write, ensure_dir, fsync_dir, is_temp_name, leftover_temp_files
 from efsplug.tunnel import TunnelIdentity
 
@@ -26,10 +32,27 @@ SUFFIX = ".json"
 _FS_ID = re.compile(r"fs-[0-9a-f]{8}(?:[0-9a-f]{9})?")
 _MAX_ESCAPED = 150  # keeps the whole file name well under NAME_MAX (255)
 _ESCAPE_KEEP = re.compile(r"[A-Za-z0-9:_.]")
+# A record is ~1-2 KiB; anything much larger is not one, and is refused before it is read.
+MAX_RECORD_BYTES = 64 * 1024
+_MAX_DEPTH = 8  # a record nests 3 deep (record > tunnel > cmdline)
+_MAX_NUMBER_CHARS = 32  # pids, ports, versions and times; a longer number is no record's
+_MAX_CMDLINE = 64
+PID_MAX = 1 << 22  # the kernel's PID_MAX_LIMIT: no pid is larger
+_TIME_RANGE = (datetime(1970, 1, 1, tzinfo=timezone.utc), datetime(9000, 1, 1, tzinfo=timezone.utc))
+_STRING_OR_ESCAPE = re.compile(rb'"(?:[^"\\]|\\.)*"')
+QUARANTINE_MARK = ".corrupt-"  # <record>.json.corrupt-<UTC time>: kept for a person to read
 
 
 class StateError(ValueError):
-    """A state file that cannot be used; the message names the file and the reason."""
+    """A state file that cannot be used; the message names the file and the reason.
+
+    corrupt: the file itself is bad (quarantine it); False for a file that may be fine
+    but not for this process (written by a newer efsplug, not readable right now).
+    """
+
+    def __init__(self, message: str, *, corrupt: bool = True) -> None:
+        super().__init__(message)
+        self.corrupt = corrupt
 
 
 @dataclass(frozen=True)
@@ -76,7 +99,8 @@ def escape_path(path: str) -> str:
         elif _ESCAPE_KEEP.fullmatch(ch) and not (i == 0 and ch == "."):
             out.append(ch)
         else:
-            out.extend(f"\\x{b:02x}" for b in ch.encode())
+            # surrogateescape: a non-UTF-8 mount point (from argv) keeps its original bytes.
+            out.extend(f"\\x{b:02x}" for b in ch.encode("utf-8", "surrogateescape"))
     return "".join(out)
 
 
@@ -113,19 +137,88 @@ def remove(state_dir: Path, record: MountRecord) -> None:
 
 
 def load(path: Path) -> MountRecord:
-    """Read one record; StateError (with the file name) for anything unusable."""
+    """Read one record; StateError (with the file name) for anything unusable, nothing else."""
+    raw = _read_bounded(Path(path))
     try:
-        raw = Path(path).read_bytes()
-    except OSError as e:
-        raise StateError(f"{path}: cannot read: {e.strerror}") from None
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise StateError(f"{path}: not valid JSON ({e}); the file is corrupt") from None
-    try:
+        data = parse_json(raw)
         return from_dict(data)
     except StateError as e:
-        raise StateError(f"{path}: {e}") from None
+        raise StateError(f"{path}: {e}", corrupt=e.corrupt) from None
+    except (ValueError, TypeError, OverflowError, RecursionError, MemoryError) as e:
+        # Every check above should have caught it; this keeps the promise if one did not.
+        raise StateError(f"{path}: unusable record ({type(e).__name__})") from None
+
+
+def _read_bounded(path: Path) -> bytes:
+    """The file's bytes if it is a regular file of at most MAX_RECORD_BYTES.
+
+    O_NONBLOCK: a FIFO named like a record must not hang the reader; O_NOFOLLOW: a
+    symlink (to /dev/zero, to a huge file) is not a record.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise StateError(f"{path}: cannot read: {e.strerror}", corrupt=False) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise StateError(f"{path}: cannot read: not a regular file", corrupt=False)
+        if info.st_size > MAX_RECORD_BYTES:
+            raise StateError(f"{path}: {info.st_size} bytes, larger than any record ({MAX_RECORD_BYTES}); corrupt")
+        chunks, size = [], 0
+        while size <= MAX_RECORD_BYTES:
+            chunk = os.read(fd, MAX_RECORD_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as e:
+        raise StateError(f"{path}: cannot read: {e.strerror}", corrupt=False) from None
+    finally:
+        os.close(fd)
+    if size > MAX_RECORD_BYTES:  # grew while being read
+        raise StateError(f"{path}: larger than any record ({MAX_RECORD_BYTES} bytes); corrupt")
+    return b"".join(chunks)
+
+
+def parse_json(raw: bytes) -> object:
+    """JSON with limits a record never reaches: nesting, number length, no NaN/Infinity."""
+    if _depth(raw) > _MAX_DEPTH:
+        raise StateError(f"nested deeper than {_MAX_DEPTH} levels; the file is corrupt")
+    try:
+        text = raw.decode("utf-8")
+        return json.loads(text, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise StateError(f"not valid JSON ({shown(e, 120)}); the file is corrupt") from None
+
+
+def _depth(raw: bytes) -> int:
+    """Deepest nesting of [ and { outside strings (cheap: strings removed by one regex)."""
+    deepest = depth = 0
+    for byte in _STRING_OR_ESCAPE.sub(b"", raw):
+        if byte in b"[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in b"]}":
+            depth -= 1
+    return deepest
+
+
+def _parse_int(text: str) -> int:
+    if len(text) > _MAX_NUMBER_CHARS:
+        raise StateError(f"a number of {len(text)} digits; the file is corrupt")
+    return int(text)
+
+
+def _parse_float(text: str) -> float:
+    value = float(text) if len(text) <= _MAX_NUMBER_CHARS else math.inf
+    if not math.isfinite(value):
+        raise StateError("a number out of range; the file is corrupt")
+    return value
+
+
+def _refuse_constant(name: str) -> float:
+    raise StateError(f"{name} is not a number a record holds; the file is corrupt")
 
 
 def load_all(state_dir: Path) -> Tuple[List[MountRecord], List[StateProblem]]:
@@ -156,6 +249,34 @@ def load_all(state_dir: Path) -> Tuple[List[MountRecord], List[StateProblem]]:
     return records, problems
 
 
+def quarantine(path: Path, when: datetime) -> Path:
+    """Move a corrupt record aside (no longer *.json, so no reader sees it again)."""
+    target = Path(path).with_name(f"{Path(path).name}{QUARANTINE_MARK}{when.strftime('%Y%m%dT%H%M%S.%fZ')}")
+    os.replace(path, target)
+    fsync_dir(Path(path).parent)
+    return target
+
+
+def quarantined_files(state_dir: Path) -> List[Path]:
+    """Records quarantine() moved aside, for `efsplug status` to mention."""
+    try:
+        return sorted(p for p in Path(state_dir).iterdir() if SUFFIX + QUARANTINE_MARK in p.name)
+    except OSError:
+        return []
+
+
+def claimed(state_dir: Path, stem: str) -> bool:
+    """A record, good, bad or quarantined, is named after the per-mount directory stem."""
+    directory = Path(state_dir)
+    if os.path.lexists(directory / (stem + SUFFIX)):
+        return True
+    prefix = stem + SUFFIX + QUARANTINE_MARK
+    try:
+        return any(name.startswith(prefix) for name in os.listdir(directory))
+    except OSError:
+        return True  # cannot tell: assume it is, so nothing is stopped on a guess
+
+
 def to_dict(record: MountRecord) -> Dict[str, Any]:
     data = asdict(record)
     for name in _DATETIME_FIELDS:
@@ -175,7 +296,7 @@ def from_dict(data: object) -> MountRecord:
     if version > RECORD_VERSION:
         raise StateError(
             f"written by a newer efsplug (record version {version}, this one reads "
-            f"{RECORD_VERSION}); left untouched"
+            f"{RECORD_VERSION}); left untouched", corrupt=False,
         )
     if version < 1:
         raise StateError(f"unknown record version {version}")
@@ -195,14 +316,14 @@ def from_dict(data: object) -> MountRecord:
 def _parse_datetime(name: str, value: object) -> Optional[datetime]:
     if value is None:
         return None
-    if not isinstance(value, str):
-        raise StateError(f"field {name!r} must be an ISO 8601 time, got {value!r}")
+    if not isinstance(value, str) or len(value) > 64:
+        raise StateError(f"field {name!r} must be an ISO 8601 time, got {shown(value)}")
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
-        raise StateError(f"field {name!r} must be an ISO 8601 time, got {value!r}") from None
+        raise StateError(f"field {name!r} must be an ISO 8601 time, got {shown(value)}") from None
     if parsed.tzinfo is None:
-        raise StateError(f"field {name!r} has no time zone: {value!r}")
+        raise StateError(f"field {name!r} has no time zone: {shown(value)}")
     return parsed
 
 
@@ -212,13 +333,25 @@ def _parse_identity(value: object) -> Optional[TunnelIdentity]:
     if not isinstance(value, dict):
         raise StateError("field 'tunnel' must be an object")
     pid, create_time, cmdline = value.get("pid"), value.get("create_time"), value.get("cmdline")
-    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
-        raise StateError(f"tunnel pid must be a positive integer, got {pid!r}")
-    if not isinstance(create_time, (int, float)) or isinstance(create_time, bool):
-        raise StateError(f"tunnel create_time must be a number, got {create_time!r}")
-    if not isinstance(cmdline, list) or not all(isinstance(a, str) for a in cmdline):
+    if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid <= PID_MAX:
+        raise StateError(f"tunnel pid must be an integer between 1 and {PID_MAX}, got {shown(pid)}")
+    if not isinstance(create_time, (int, float)) or isinstance(create_time, bool) \
+            or not (math.isfinite(create_time) and create_time >= 0):
+        raise StateError(f"tunnel create_time must be a time in seconds, got {shown(create_time)}")
+    if not isinstance(cmdline, list) or len(cmdline) > _MAX_CMDLINE or not all(_is_path_text(a) for a in cmdline):
         raise StateError("tunnel cmdline must be a list of strings")
     return TunnelIdentity(pid=pid, create_time=float(create_time), cmdline=tuple(cmdline))
+
+
+def _is_path_text(value: object) -> bool:
+    """A str the os module can take: a lone surrogate (valid in JSON) would raise later."""
+    if not isinstance(value, str) or "\0" in value:
+        return False
+    try:
+        os.fsencode(value)
+    except UnicodeError:
+        return False
+    return True
 
 
 def _validate(record: MountRecord) -> None:
@@ -227,18 +360,19 @@ def _validate(record: MountRecord) -> None:
         raise StateError(f"fs_id {record.fs_id!r} is not a file system id (fs-<8 or 17 hex>)")
     for name in ("mountpoint", "path"):
         value = getattr(record, name)
-        if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
-            raise StateError(f"{name} {value!r} must be an absolute path")
+        if not _is_path_text(value) or not value.startswith("/"):
+            raise StateError(f"{name} {shown(value)} must be an absolute path")
     port = record.port
     if port is not None and (not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535):
-        raise StateError(f"port {port!r} must be an integer between 1 and 65535")
+        raise StateError(f"port {shown(port)} must be an integer between 1 and 65535")
     if record.tunnel is not None and not isinstance(record.tunnel, TunnelIdentity):
         raise StateError("tunnel must be a TunnelIdentity")
     for name in _OPTIONAL_STR_FIELDS:
         value = getattr(record, name)
-        if value is not None and not isinstance(value, str):
-            raise StateError(f"field {name!r} must be a string, got {value!r}")
-    if not isinstance(record.files_created, list) or not all(isinstance(p, str) for p in record.files_created):
+        if value is not None and not _is_path_text(value):
+            raise StateError(f"field {name!r} must be a string, got {shown(value)}")
+    files = record.files_created
+    if not isinstance(files, list) or len(files) > _MAX_CMDLINE or not all(_is_path_text(p) for p in files):
         raise StateError("files_created must be a list of paths")
     for name in ("tls", "iam"):
         if not isinstance(getattr(record, name), bool):
@@ -247,3 +381,6 @@ def _validate(record: MountRecord) -> None:
         value = getattr(record, name)
         if value is not None and (not isinstance(value, datetime) or value.tzinfo is None):
             raise StateError(f"field {name!r} must be a time-zone aware datetime")
+        # Far-off years overflow the arithmetic the supervisor does with them (renewal times).
+        if value is not None and not _TIME_RANGE[0] <= value <= _TIME_RANGE[1]:
+            raise StateError(f"field {name!r} is out of range: {value.isoformat()}")

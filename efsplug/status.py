@@ -15,7 +15,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 from efsplug import state
 from efsplug.config import load_config
@@ -94,11 +94,21 @@ def view(record: MountRecord, mounts: List[KernelMount], state_dir: Path, superv
     )
 
 
-def collect(state_dir: Path) -> List[MountView]:
-    records, _problems = state.load_all(state_dir)
+def collect(state_dir: Path) -> Tuple[List[MountView], List[str]]:
+    """Every usable record's view, and one line per record that is not (bad or quarantined)."""
+    records, problems = state.load_all(state_dir)
     mounts = read_mounts()
     running = supervised(state_dir)
-    return [view(r, mounts, state_dir, running) for r in sorted(records, key=lambda r: r.mountpoint)]
+    views = [view(r, mounts, state_dir, running) for r in sorted(records, key=lambda r: r.mountpoint)]
+    return views, bad_record_lines(problems, state.quarantined_files(state_dir))
+
+
+def bad_record_lines(problems: List[state.StateProblem], quarantined: List[Path]) -> List[str]:
+    """One printable line per unusable record: its mount is not shown (nor supervised)."""
+    lines = [f"unusable record: {p.reason}" for p in problems]
+    lines += [f"quarantined record: {q} (unusable; its mount is not supervised)" for q in quarantined]
+    # A file name is the only part not escaped yet: no control character may reach the terminal.
+    return ["".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in line) for line in lines]
 
 
 def cleanup_lines(published: Optional[str], computed: Callable[[], cleanup.CleanupWait], running: bool) -> List[str]:
@@ -128,9 +138,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"efsplug status: {exc}", file=sys.stderr)
         return exc.exit_code
     state_dir = Path(config.efsplug.state_dir)
-    views = collect(state_dir)
+    views, bad = collect(state_dir)
     if args.json:
         print(json.dumps([asdict(v) for v in views], indent=2))
+        for line in bad:  # the document stays a list of mounts
+            print(f"efsplug status: {line}", file=sys.stderr)
         return 0
     if not views:
         print("no efs mounts")
@@ -147,6 +159,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"    credentials: {v.credential_source}, expire {v.credential_expiry or 'never'}")
         if v.cert_expiry:
             print(f"    certificate expires {v.cert_expiry}")
+    for line in bad:
+        print(line)
 
     def computed() -> cleanup.CleanupWait:
         ecs = load_ecs_config(ecs_config_path(os.environ), cleanup.NAMES)

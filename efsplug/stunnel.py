@@ -25,6 +25,9 @@ _IPV6_TEXT = re.compile(r"[0-9A-Fa-f:.]+")  # no brackets, no %zone
 # name ends in ~<hash>; stunnel gives none of them a meaning in a path value.
 _SAFE_PATH = re.compile(r"/[A-Za-z0-9_./@+:~\\-]*")
 _MAX_PATH = 4096
+# The first line of every config efsplug writes. The supervisor stops an orphan tunnel only
+# if its config carries it: amazon-efs-utils keeps its own tunnels in the same directory.
+MARKER = "# stunnel client configuration written by efsplug for one EFS mount."
 
 
 def _fail(field_name: str, value: object, why: str) -> ValueError:
@@ -146,7 +149,7 @@ def render(spec: TunnelSpec) -> str:
     TunnelSpec.__post_init__(spec)
 
     lines: List[str] = [
-        "# stunnel client configuration written by efsplug for one EFS mount.",
+        MARKER,
         # The process efsplug starts *is* stunnel: the pid it records stays valid.
         "foreground = yes",
         f"fips = {'yes' if spec.fips else 'no'}",

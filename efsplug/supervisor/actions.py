@@ -1,4 +1,4 @@
-"""What the supervisor does once a decision is made: restart, renew, unmount, reap, orphans.
+"""What the supervisor does once a decision is made: restart, renew, unmount, reap.
 
 A mixin of Supervisor (runner.py), split out to keep each file readable; it runs on the
 supervisor's loop thread, except the jobs it hands to the executor (renewal, unmount),
@@ -23,7 +23,6 @@ from efsplug.tunnel import Tunnel, TunnelError
 from efsplug.unmount import release, unmount_efs
 
 log = logging.getLogger("efsplug.supervisor")
-ORPHAN_SCAN_INTERVAL = 300.0  # without health checks, orphans are still looked for
 STUNNEL_NAMES = ("stunnel", "stunnel5", "stunnel4")  # as efsplug.mount looks for it
 
 
@@ -42,8 +41,7 @@ class Entry:
 
 class ActionsMixin:
     """Needs from Supervisor: config, state_dir, policy, _clock, _environ, _entries, _mounts,
-    _orphan_min_age, _orphan_due, _evaluate, _forget, _watch_tunnel, _watch_tunnel_off,
-    _submit, _post."""
+    _evaluate, _forget, _watch_tunnel, _watch_tunnel_off, _submit, _post."""
 
     def _do_restart_tunnel(self, e: Entry, action: d.Action) -> None:
         now = self._clock()
@@ -147,18 +145,3 @@ class ActionsMixin:
         else:
             e.tracking = replace(e.tracking, reaped=False, gone_since=None)
             self._watch_tunnel(e)
-
-    # --- orphan tunnels ---------------------------------------------------------------------
-    def _scan_orphans(self, now: float) -> None:
-        known = [e.record.tunnel for e in self._entries.values() if e.record.tunnel is not None]
-        next_scan = now + (self.policy.health_interval or ORPHAN_SCAN_INTERVAL)
-        for orphan in tunnels.find_orphans(self.state_dir, known, now):
-            if orphan.age < self._orphan_min_age:
-                next_scan = min(next_scan, now + self._orphan_min_age - orphan.age + 0.05)
-                continue
-            tunnel = Tunnel.from_identity(orphan.identity)
-            if tunnel is not None:
-                tunnel.stop()
-                log.warning("stopped orphan tunnel pid %d (%s): no mount record owns it",
-                            orphan.identity.pid, orphan.identity.cmdline[-1])
-        self._orphan_due = next_scan

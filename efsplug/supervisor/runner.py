@@ -37,7 +37,7 @@ from efsplug.netns import netns_path
 from efsplug.state import StateError
 from efsplug.supervisor import cleanup
 from efsplug.supervisor import decisions as d
-from efsplug.supervisor import tunnels
+from efsplug.supervisor import orphans, tunnels
 from efsplug.supervisor.actions import ActionsMixin, Entry as _Entry
 from efsplug.supervisor.lock import SupervisorLock
 from efsplug.supervisor.statusfile import STATUS_FILE, MountStatus, write_status
@@ -46,6 +46,7 @@ from efsplug.unmount import kernel_connected, mount_dir
 log = logging.getLogger("efsplug.supervisor")
 References = Callable[[str], Optional[int]]
 ORPHAN_MIN_AGE = 10.0  # mount.efs saves the record right after its tunnel listens
+ORPHAN_SCAN_INTERVAL = 300.0  # without health checks, orphans are still looked for
 
 
 class Supervisor(ActionsMixin):
@@ -58,6 +59,7 @@ class Supervisor(ActionsMixin):
         clock: Callable[[], float] = time.time,
         mount_reader: Optional[Callable[[], List[KernelMount]]] = None,
         orphan_min_age: float = ORPHAN_MIN_AGE,
+        orphan_interval: Optional[float] = None,  # default: the health check interval, else 300 s
     ) -> None:
         self.config = config
         self.state_dir = Path(config.efsplug.state_dir)
@@ -68,7 +70,9 @@ class Supervisor(ActionsMixin):
             config, self._environ, load_ecs_config(ecs_config_path(self._environ), cleanup.NAMES))
         self.policy = d.policy_from(config, self.cleanup_wait.seconds)
         self._read_mounts = mount_reader or (lambda: read_mounts(MOUNTINFO))
-        self._orphan_min_age = orphan_min_age
+        self._sweeper = orphans.Sweeper(
+            self.state_dir, min_age=orphan_min_age, read_mounts=self._read_mounts,
+            interval=orphan_interval or self.policy.health_interval or ORPHAN_SCAN_INTERVAL)
         self._entries: Dict[str, _Entry] = {}
         self._by_fd: Dict[int, str] = {}
         self._timers: List[Tuple[float, int, str]] = []
@@ -222,6 +226,10 @@ class Supervisor(ActionsMixin):
             self._scan_orphans(now)
         if self._listen_due is not None and self._listen_due <= now:
             self._sweep_listeners(now, dirty)
+
+    def _scan_orphans(self, now: float) -> None:
+        known = [e.record.tunnel for e in self._entries.values() if e.record.tunnel is not None]
+        self._orphan_due = self._sweeper.sweep(known, now)
 
     def _sweep_listeners(self, now: float, dirty: Set[str]) -> None:
         """Every poll interval: does each live tunnel still listen? A wedged one is restarted

@@ -1,4 +1,4 @@
-"""Tunnel processes as the supervisor sees them: restart one, watch for deaths, find orphans.
+"""Tunnel processes as the supervisor sees them: restart one, watch for deaths, probe listeners.
 
 A restart runs the very command line the record holds (stunnel and its config file
 under the state directory), so the tunnel comes back on the same port with the same
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
@@ -105,30 +104,6 @@ def reap_child(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         pass
-
-
-@dataclass(frozen=True)
-class Orphan:
-    identity: TunnelIdentity
-    age: float
-
-
-def find_orphans(state_dir: Path, known: Iterable[TunnelIdentity], now: float) -> List[Orphan]:
-    """stunnel processes running a config under state_dir that no record knows."""
-    known_set = {(i.pid, i.cmdline) for i in known}
-    found = []
-    for p in psutil.process_iter(["pid", "cmdline", "create_time"]):
-        cmdline = p.info.get("cmdline") or []
-        if len(cmdline) != 2 or not is_stunnel(cmdline) or not _inside(cmdline[1], state_dir):
-            continue
-        if (p.info["pid"], tuple(cmdline)) in known_set:
-            continue
-        try:
-            identity = TunnelIdentity.of(p.info["pid"])
-        except psutil.Error:
-            continue
-        found.append(Orphan(identity, now - identity.create_time))
-    return found
 
 
 def pidfds_close(fds: Dict[str, int]) -> None:

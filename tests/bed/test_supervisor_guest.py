@@ -19,6 +19,7 @@ from efsbed.guestdaemons import GuestSupervisor
 from efsbed.procs import wait_until
 from efsplug.certificate import OID_CLIENT_AUTH
 from efsplug.credentials import detail_tag
+from efsplug.stunnel import TunnelSpec, render
 
 pytestmark = pytest.mark.guest
 
@@ -265,15 +266,16 @@ def test_unreferenced_volume_unmounted_after_cleanup_wait(configure, supervisors
 def test_supervisor_crash_and_restart(configure, supervisors, clean_guest: Bed) -> None:
     bed = clean_guest
     configure()
+    orphan_dir = f"{STATE}/{bed.fs_id}.mnt-orphan.20399"
     first = supervisors()
     mount(bed, "/mnt/supcrash", "tls")
     try:
         rec = record_of(bed, "/mnt/supcrash")
         first.kill(signal.SIGKILL)
-        # An orphan: a tunnel on a config under the state dir that no record owns.
-        orphan_conf = f"{STATE}/orphan/stunnel.conf"
+        # An orphan: a tunnel efsplug started (its layout, its config) that no record owns.
+        orphan_conf = f"{orphan_dir}/stunnel.conf"
         text = bed.run(["cat", rec["config_file"]]).stdout.replace(f":{rec['port']}", ":20399")
-        bed.run(["mkdir", "-p", f"{STATE}/orphan"])
+        bed.run(["mkdir", "-p", orphan_dir])
         bed.guest.run(["tee", orphan_conf], input=text.encode(), check=True)
         bed.guest.spawn([rec["tunnel"]["cmdline"][0], orphan_conf], log="/tmp/sup-orphan.log")
         wait_until(lambda: len(tunnel_pids(bed)) == 2, 20, "orphan listening")
@@ -287,7 +289,7 @@ def test_supervisor_crash_and_restart(configure, supervisors, clean_guest: Bed) 
     finally:
         umount(bed, "/mnt/supcrash")
         (bed.export_dir / "crash").unlink(missing_ok=True)
-        bed.run(["rm", "-rf", f"{STATE}/orphan", "/tmp/sup-orphan.log"])
+        bed.run(["rm", "-rf", orphan_dir, "/tmp/sup-orphan.log"])
 
 
 def test_many_mount_cycles_leak_nothing(configure, supervisors, clean_guest: Bed) -> None:
@@ -306,3 +308,88 @@ def test_many_mount_cycles_leak_nothing(configure, supervisors, clean_guest: Bed
     listening = bed.run(["sh", "-c", "cat /proc/net/tcp"]).stdout
     ports = {int(line.split()[1].split(":")[1], 16) for line in listening.splitlines()[1:] if line.split()[3] == "0A"}
     assert not {p for p in ports if 20049 <= p < 21049}, ports
+
+
+FAST_ORPHANS_SCRIPT = """
+import logging
+from efsplug.config import load_config
+from efsplug.supervisor.runner import Supervisor
+logging.basicConfig(level=logging.INFO, format="efsplug supervise: %(created).3f %(levelname)s %(message)s")
+Supervisor(load_config().config, orphan_min_age=1.0, orphan_interval=0.5).run_forever()
+"""
+EFS_UTILS = "/var/run/efs"  # as amazon-efs-utils spells the directory it shares with efsplug
+EFS_UTILS_CONFIG = """fips = no
+foreground = yes
+socket = l:SO_REUSEADDR=yes
+socket = a:SO_BINDTODEVICE=lo
+[efs]
+client = yes
+accept = 127.0.0.1:{port}
+connect = {fs_id}.efs.us-east-1.amazonaws.com:2049
+sslVersion = TLSv1.2
+renegotiation = no
+TIMEOUTbusy = 20
+TIMEOUTclose = 0
+TIMEOUTidle = 70
+delay = yes
+verify = 2
+CAfile = {cafile}
+checkHost = {fs_id}.efs.us-east-1.amazonaws.com
+"""
+
+
+def _listening(bed: Bed, port: int) -> bool:
+    table = bed.run(["cat", "/proc/net/tcp"]).stdout.splitlines()[1:]
+    return any(cols[1] == f"0100007F:{port:04X}" and cols[3] == "0A" for cols in (line.split() for line in table))
+
+
+def test_efs_utils_tunnels_in_the_shared_state_dir_are_left_alone(configure, supervisors, clean_guest: Bed) -> None:
+    """Installed over amazon-efs-utils: its tunnels (stunnel, and efs-proxy in 2.x/3.x) run on
+    configs in the same /var/run/efs, with its state files; no efsplug sweep may stop them.
+    efsplug's own orphan (its record deleted) is still stopped."""
+    bed = clean_guest
+    configure(stunnel_health_check_enabled="true")
+    stunnel = bed.run(["sh", "-c", "command -v stunnel5 || command -v stunnel || command -v stunnel4"]).stdout.strip()
+    bed.run(["mkdir", "-p", EFS_UTILS, "/tmp/efsutils-bin"])
+    bed.run(["cp", stunnel, "/tmp/efsutils-bin/efs-proxy"])
+    theirs: Dict[int, int] = {}  # pid -> port
+    files = []
+    for port, binary in ((21040, stunnel), (21041, "/tmp/efsutils-bin/efs-proxy")):
+        base = f"{bed.fs_id}.mnt.efsutils{port}.{port}"
+        conf = f"{EFS_UTILS}/stunnel-config.{base}"
+        bed.guest.run(["tee", conf], input=EFS_UTILS_CONFIG.format(port=port, fs_id=bed.fs_id, cafile=bed.ca.cert_path).encode(), check=True)
+        bed.run(["mkdir", "-p", f"{EFS_UTILS}/{base}+"])
+        bed.guest.run(["tee", f"{EFS_UTILS}/{base}+/certificate.pem"], input=b"theirs\n", check=True)
+        pid = bed.guest.spawn([binary, conf], log=f"/tmp/efsutils-{port}.log")
+        theirs[pid] = port
+        state = {"pid": pid, "cmd": [binary, conf], "files": [conf, f"{EFS_UTILS}/{base}+"],
+                 "mountpoint": f"/mnt/efsutils{port}", "mount_time": time.time()}
+        bed.guest.run(["tee", f"{EFS_UTILS}/{base}"], input=json.dumps(state).encode(), check=True)
+        files += [conf, f"{EFS_UTILS}/{base}", f"{EFS_UTILS}/{base}+/certificate.pem"]
+        wait_until(lambda port=port: _listening(bed, port), 20, f"efs-utils tunnel on {port}")
+    sums = bed.run(["md5sum", *files]).stdout
+    # efsplug's own orphan: its layout and its config, no record.
+    ours = f"{STATE}/{bed.fs_id}.mnt-gone.20398"
+    bed.run(["mkdir", "-p", ours])
+    text = render(TunnelSpec(accept_port=20398, connect_host="127.0.0.1", connect_port=9, verify_level=0))
+    bed.guest.run(["tee", f"{ours}/stunnel.conf"], input=text.encode(), check=True)
+    orphan = bed.guest.spawn([stunnel, f"{ours}/stunnel.conf"], log="/tmp/sup-gone.log")
+    wait_until(lambda: _listening(bed, 20398), 20, "efsplug's orphan listening")
+    try:
+        sup = supervisors([PYTHON, "-c", FAST_ORPHANS_SCRIPT], log="/var/log/bed/efsplug-orphans.log")
+        wait_until(lambda: not bed.guest.kill(orphan, 0), 20, "efsplug's own orphan stopped")
+        time.sleep(6)  # twelve more sweeps, past the minimum age many times over
+        log = sup.log()
+        for pid, port in theirs.items():
+            assert bed.guest.kill(pid, 0), f"efs-utils tunnel pid {pid} was stopped:\n{log}"
+            assert _listening(bed, port)
+            # Said once (not once per sweep) of the stunnel; efs-proxy is no stunnel: not even looked at.
+            assert log.count(f"leaving tunnel pid {pid} ") == (1 if port == 21040 else 0), log
+        assert bed.run(["md5sum", *files]).stdout == sums  # their files untouched
+        assert log.count("stopped orphan tunnel") == 1, log
+        assert f"{bed.fs_id}.mnt-gone.20398" in log
+    finally:
+        for pid in theirs:
+            bed.guest.kill(pid, signal.SIGKILL)
+        bed.guest.kill(orphan, signal.SIGKILL)
+        bed.run(["sh", "-c", f"rm -rf {EFS_UTILS}/*efsutils* /tmp/efsutils-bin /tmp/efsutils-*.log /tmp/sup-gone.log"])

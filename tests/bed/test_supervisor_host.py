@@ -227,8 +227,8 @@ def test_reconciliation_after_a_crash(state_dir, supervisors):
     Tunnel.from_identity(dead.tunnel).stop()  # crashed with its supervisor
     table.mount("/mnt/live", live.port)
     table.mount("/mnt/deadtunnel", dead.port)
-    # An orphan: a tunnel on a config under the state dir that no record knows.
-    orphan_dir = state_dir / "orphan"
+    # An orphan: a tunnel efsplug started (its layout, its config) that no record knows.
+    orphan_dir = state_dir / f"{FS_ID}.mnt-orphan.{LOWER - 1}"
     orphan_dir.mkdir()
     orphan = Tunnel.start(TunnelSpec(accept_port=LOWER - 1, connect_host="127.0.0.1", connect_port=9, verify_level=0),
                           config_path=orphan_dir / "stunnel.conf", stunnel_binary=STUNNEL)

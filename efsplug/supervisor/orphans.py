@@ -1,0 +1,207 @@
+"""Orphan tunnels: stunnels efsplug started that no mount record owns any more.
+
+The state directory (/var/run/efs) is shared with amazon-efs-utils. Its tunnels run
+`stunnel /var/run/efs/stunnel-config.<fs>.<mnt>.<port>` (`efs-proxy` in 2.x and 3.x)
+next to its own state files, and its hard mounts hang if such a tunnel is stopped. So a
+process is stopped as an orphan only when all of these hold:
+
+- it is provably efsplug's: its command line is exactly `stunnel <state_dir>/<mount
+  dir>/stunnel.conf`, the mount directory is named the way efsplug names them
+  (state.file_name without `.json`), no symlink lies on the way, and the config's first
+  line is the marker efsplug writes (stunnel.MARKER);
+- no record names its mount directory: not a good one (looked for right before the
+  decision, so a mount in progress is seen), not a corrupt or quarantined one (a mount
+  whose record went bad may still be live);
+- no kernel mount uses its port (the mount table, read afresh for the decision);
+- it has run for at least the minimum age (mount.efs saves the record right after its
+  tunnel listens).
+
+judge() decides from those facts (pure); Sweeper gathers them and acts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+
+import psutil
+
+from efsplug import state
+from efsplug.mounttable import KernelMount, ports_in_use
+from efsplug.stunnel import MARKER
+from efsplug.supervisor.tunnels import is_stunnel
+from efsplug.tunnel import Tunnel, TunnelError, TunnelIdentity
+
+log = logging.getLogger("efsplug.supervisor")
+CONFIG_NAME = "stunnel.conf"  # what mount.efs names a tunnel's config in its mount directory
+# state.file_name without ".json": fs id, escaped mount point (letters, digits, : _ . - ~
+# and \xNN escapes), optional port. efs-utils' own directories end in "+": never matched.
+MOUNT_DIR = re.compile(r"fs-[0-9a-f]{8}(?:[0-9a-f]{9})?\.(?:[A-Za-z0-9:_.~-]|\\x[0-9a-f]{2})+")
+_ACCEPT = re.compile(r"^accept = 127\.0\.0\.1:([0-9]{1,5})$", re.MULTILINE)
+_MAX_CONFIG = 16 * 1024  # efsplug's configs are well under 2 KiB
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A live stunnel proven efsplug's that no loaded record knows."""
+
+    identity: TunnelIdentity
+    stem: str  # its mount directory's name: the record would be <stem>.json
+    port: Optional[int]  # the port its config accepts on
+    age: float
+
+
+@dataclass(frozen=True)
+class Verdict:
+    stop: bool
+    reason: str
+    recheck_in: Optional[float] = None  # not old enough yet: look again this much later
+
+
+def judge(c: Candidate, *, claimed: bool, ports_used: Set[int], min_age: float) -> Verdict:
+    """Stop the candidate or not. Every doubt keeps it: a live mount may depend on it."""
+    if claimed:
+        return Verdict(False, f"a record names {c.stem}")
+    if c.port is not None and c.port in ports_used:
+        return Verdict(False, f"a kernel mount uses port {c.port}")
+    if c.age < min_age:
+        return Verdict(False, "too young to tell", recheck_in=min_age - c.age)
+    return Verdict(True, "no mount record owns it and no mount uses its port")
+
+
+def layout_stem(cmdline: Sequence[str], state_dir_real: str) -> Optional[str]:
+    """The mount directory's name if cmdline is exactly `stunnel <state_dir>/<dir>/stunnel.conf`
+    with <dir> named as efsplug names them; None otherwise. Names only (pure); the caller
+    checks symlinks and the file."""
+    if len(cmdline) != 2 or not is_stunnel(cmdline):
+        return None
+    config = cmdline[1]
+    if not config.startswith("/") or os.path.normpath(config) != config:
+        return None
+    directory, name = os.path.split(config)
+    parent, stem = os.path.split(directory)
+    if name != CONFIG_NAME or not MOUNT_DIR.fullmatch(stem):
+        return None
+    if os.path.realpath(parent) != state_dir_real:  # /var/run/efs and /run/efs are one
+        return None
+    return stem
+
+
+def marked_port(config: str) -> Tuple[bool, Optional[int]]:
+    """(the file is a config efsplug wrote, the port it accepts on).
+
+    Opened without following a symlink and without blocking (a FIFO is not a config),
+    and read only up to a bound: the file is not trusted until its marker is seen.
+    """
+    try:
+        fd = os.open(config, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False, None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False, None
+        text = os.read(fd, _MAX_CONFIG).decode("utf-8", "replace")
+    except OSError:
+        return False, None
+    finally:
+        os.close(fd)
+    if text.split("\n", 1)[0] != MARKER:
+        return False, None
+    found = _ACCEPT.search(text)
+    return True, int(found.group(1)) if found else None
+
+
+def candidates(state_dir: Path, known: Iterable[TunnelIdentity], now: float,
+               foreign: Optional[Callable[[int, str], None]] = None) -> List[Candidate]:
+    """efsplug's own live tunnels (proven as above) whose identity no loaded record holds.
+
+    foreign(pid, config) is told of each stunnel under state_dir that is not provably
+    efsplug's: it is left alone, whatever it is.
+    """
+    state_dir_real = os.path.realpath(state_dir)
+    known_set = {(i.pid, i.cmdline) for i in known}
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = tuple(p.info.get("cmdline") or ())
+        if (p.info["pid"], cmdline) in known_set or len(cmdline) < 2 or not is_stunnel(cmdline):
+            continue
+        stem = layout_stem(cmdline, state_dir_real)
+        config = cmdline[1]
+        mine, port = (False, None)
+        if stem is not None and not os.path.islink(os.path.dirname(config)):
+            mine, port = marked_port(config)
+        if not mine:
+            if foreign is not None and any(_under(a, state_dir, state_dir_real) for a in cmdline[1:]):
+                foreign(p.info["pid"], " ".join(cmdline[1:])[:200])
+            continue
+        try:
+            identity = TunnelIdentity.of(p.info["pid"])
+        except psutil.Error:
+            continue
+        if identity.cmdline != cmdline:
+            continue  # it exec'd something else meanwhile
+        assert stem is not None
+        found.append(Candidate(identity, stem, port, now - identity.create_time))
+    return found
+
+
+def _under(arg: str, state_dir: Path, state_dir_real: str) -> bool:
+    """arg names something in the state directory, as written or once resolved."""
+    return os.path.normpath(arg).startswith(f"{state_dir}/") or os.path.realpath(arg).startswith(f"{state_dir_real}/")
+
+
+class Sweeper:
+    """Finds orphans and stops the proven ones; what it leaves alone is logged once per process."""
+
+    def __init__(self, state_dir: Path, *, min_age: float, interval: float,
+                 read_mounts: Callable[[], List[KernelMount]]) -> None:
+        self.state_dir, self.min_age, self.interval = Path(state_dir), min_age, interval
+        self._read_mounts = read_mounts
+        self._told: Dict[int, str] = {}  # pid -> what was logged about it (bounded by live pids)
+
+    def sweep(self, known: Iterable[TunnelIdentity], now: float) -> float:
+        """One sweep; returns when the next one is due."""
+        next_due = now + self.interval
+        seen: Dict[int, str] = {}
+
+        def tell(pid: int, text: str, level: int = logging.INFO) -> None:
+            seen[pid] = text
+            if self._told.get(pid) != text:
+                log.log(level, "%s", text)
+
+        def foreign(pid: int, config: str) -> None:
+            tell(pid, f"leaving tunnel pid {pid} ({config}) alone: not started by efsplug")
+
+        ports_used: Optional[Set[int]] = None
+        for c in candidates(self.state_dir, known, now, foreign):
+            if ports_used is None:
+                ports_used = set(ports_in_use(self._read_mounts()))  # fresh, once per sweep
+            # Looked for last, right before deciding: a record saved a moment ago counts.
+            verdict = judge(c, claimed=state.claimed(self.state_dir, c.stem), ports_used=ports_used,
+                            min_age=self.min_age)
+            if verdict.recheck_in is not None:
+                next_due = min(next_due, now + verdict.recheck_in + 0.05)
+                seen[c.identity.pid] = self._told.get(c.identity.pid, "")
+            elif not verdict.stop:
+                tell(c.identity.pid, f"keeping tunnel pid {c.identity.pid} ({c.stem}) although no loaded record "
+                     f"knows it: {verdict.reason}")
+            else:
+                self._stop(c, verdict)
+        self._told = seen
+        return next_due
+
+    def _stop(self, c: Candidate, verdict: Verdict) -> None:
+        tunnel = Tunnel.from_identity(c.identity)  # None if it exited or its pid was reused
+        if tunnel is None:
+            return
+        try:
+            tunnel.stop()
+        except TunnelError as exc:
+            log.error("cannot stop orphan tunnel pid %d (%s): %s", c.identity.pid, c.stem, exc)
+            return
+        log.warning("stopped orphan tunnel pid %d (%s): %s", c.identity.pid, c.identity.cmdline[-1], verdict.reason)

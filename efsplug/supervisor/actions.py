@@ -41,7 +41,7 @@ class Entry:
 
 class ActionsMixin:
     """Needs from Supervisor: config, state_dir, policy, _clock, _environ, _entries, _mounts,
-    _evaluate, _forget, _watch_tunnel, _watch_tunnel_off, _submit, _post."""
+    _evaluate, _forget, _record_current, _watch_tunnel, _watch_tunnel_off, _submit, _post."""
 
     def _do_restart_tunnel(self, e: Entry, action: d.Action) -> None:
         now = self._clock()
@@ -132,6 +132,8 @@ class ActionsMixin:
                 self._evaluate(e)
 
     def _do_reap(self, e: Entry, action: d.Action) -> None:
+        if not self._record_current(e):
+            return  # released or rewritten by another process since it was loaded: not ours to reap
         self._watch_tunnel_off(e)
         try:
             done = release(e.record, state_dir=self.state_dir, mounts=self._mounts)

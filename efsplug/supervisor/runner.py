@@ -4,10 +4,15 @@ It sleeps in epoll until something happens: the mount table changed (mountinfo r
 POLLPRI), a tunnel exited (its pidfd became readable), a timer of one mount is due
 (renewal, health probe, cleanup wait, grace period), or a background job finished.
 Only the mounts concerned are looked at, so the steady-state cost does not grow with
-the number of mounts. What to do is decided by decisions.decide (pure); this module
-observes and acts.
+the number of mounts. What to do is decided by decisions.decide (pure); observe.py
+gathers the facts, actions.py acts, orphans.py looks for tunnels nobody owns.
 
-    sup = Supervisor(config, references=volumes.references)   # the agent
+One mount's trouble never stops the others: every step of the loop is guarded, and a
+failure is logged once and supervision goes on. Should the thread die all the same,
+`failed` is set (and on_failure called), so the agent exits for systemd to restart it
+instead of serving on without a supervisor.
+
+    sup = Supervisor(config, references=volumes.references, on_failure=stopping.set)   # the agent
     sup.start(); ...; sup.stop()
 """
 
@@ -22,26 +27,23 @@ import queue
 import select
 import threading
 import time
-import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
 
-from efsplug import state
 from efsplug.config import Config
 from efsplug.ecsconfig import ecs_config_path, load_ecs_config
-from efsplug.fsutil import is_temp_name
-from efsplug.mounttable import MOUNTINFO, KernelMount, MountTableWatch, ports_in_use, read_mounts
-from efsplug.netns import netns_path
-from efsplug.state import StateError
+from efsplug.mounttable import MOUNTINFO, KernelMount, MountTableWatch, read_mounts
 from efsplug.supervisor import cleanup
 from efsplug.supervisor import decisions as d
 from efsplug.supervisor import orphans, tunnels
 from efsplug.supervisor.actions import ActionsMixin, Entry as _Entry
 from efsplug.supervisor.lock import SupervisorLock
-from efsplug.supervisor.statusfile import STATUS_FILE, MountStatus, write_status
-from efsplug.unmount import kernel_connected, mount_dir
+from efsplug.supervisor.observe import ObserveMixin
+from efsplug.supervisor.records import RecordDir
+from efsplug.supervisor.statusfile import MountStatus, write_status
+from efsplug.unmount import mount_dir
 
 log = logging.getLogger("efsplug.supervisor")
 References = Callable[[str], Optional[int]]
@@ -49,7 +51,7 @@ ORPHAN_MIN_AGE = 10.0  # mount.efs saves the record right after its tunnel liste
 ORPHAN_SCAN_INTERVAL = 300.0  # without health checks, orphans are still looked for
 
 
-class Supervisor(ActionsMixin):
+class Supervisor(ObserveMixin, ActionsMixin):
     def __init__(
         self,
         config: Config,
@@ -60,6 +62,7 @@ class Supervisor(ActionsMixin):
         mount_reader: Optional[Callable[[], List[KernelMount]]] = None,
         orphan_min_age: float = ORPHAN_MIN_AGE,
         orphan_interval: Optional[float] = None,  # default: the health check interval, else 300 s
+        on_failure: Optional[Callable[[], None]] = None,
     ) -> None:
         self.config = config
         self.state_dir = Path(config.efsplug.state_dir)
@@ -70,6 +73,7 @@ class Supervisor(ActionsMixin):
             config, self._environ, load_ecs_config(ecs_config_path(self._environ), cleanup.NAMES))
         self.policy = d.policy_from(config, self.cleanup_wait.seconds)
         self._read_mounts = mount_reader or (lambda: read_mounts(MOUNTINFO))
+        self._records = RecordDir(self.state_dir)
         self._sweeper = orphans.Sweeper(
             self.state_dir, min_age=orphan_min_age, read_mounts=self._read_mounts,
             interval=orphan_interval or self.policy.health_interval or ORPHAN_SCAN_INTERVAL)
@@ -84,6 +88,8 @@ class Supervisor(ActionsMixin):
         self._ports: Dict[int, List[str]] = {}
         self._results: "queue.SimpleQueue[Callable[[], None]]" = queue.SimpleQueue()
         self._notified: Set[str] = set()
+        self._again: Set[str] = set()  # entries (re)loaded outside the loop's own passes: look at them next
+        self._failures: Set[str] = set()  # loop steps that failed, each logged once
         self._rescan_requested = False
         self._notify_lock = threading.Lock()
         self._stop = threading.Event()
@@ -92,6 +98,9 @@ class Supervisor(ActionsMixin):
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._thread: Optional[threading.Thread] = None
+        self.failed = threading.Event()  # the supervising thread died (not stopped)
+        self.error: Optional[BaseException] = None
+        self._on_failure = on_failure
         self._executor: Optional[ThreadPoolExecutor] = None
         # Wedge probes share /proc reads for a while; health checks are minutes apart anyway.
         health = self.policy.health_interval or 300.0
@@ -100,8 +109,20 @@ class Supervisor(ActionsMixin):
     # --- public API ----------------------------------------------------------------------
     def start(self) -> None:
         """Supervise on a background thread (waits for the lock there if need be)."""
-        self._thread = threading.Thread(target=self.run_forever, name="efsplug-supervisor", daemon=True)
+        self._thread = threading.Thread(target=self._run_thread, name="efsplug-supervisor", daemon=True)
         self._thread.start()
+
+    def _run_thread(self) -> None:
+        try:
+            self.run_forever()
+        except BaseException as exc:  # noqa: B036 - whatever it was, the owner must learn of it
+            self.error = exc
+            log.critical("the supervisor stopped on an internal error; mounts are not supervised", exc_info=True)
+        finally:
+            if not self._stop.is_set():
+                self.failed.set()
+                if self._on_failure is not None:
+                    self._on_failure()
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()
@@ -156,34 +177,55 @@ class Supervisor(ActionsMixin):
             ep.register(self._wake_r, select.EPOLLIN)
             dirty: Set[str] = set()
             self._mount_table_changed(dirty)  # reconciliation: the whole picture, once
-            self._scan_orphans(self._clock())
+            self._guarded("looking for orphan tunnels", self._scan_orphans, self._clock(), dirty)
             self._evaluate_all(dirty)
             if self.policy.health_interval is not None:
                 self._listen_due = self._clock() + self.policy.poll_interval
             while not self._stop.is_set():
                 events = ep.poll(self._timeout())
                 fds = {fd for fd, _ in events}
-                dirty = set()
+                dirty, self._again = self._again, set()
                 if self._wake_r in fds:
                     self._drain_wake()  # first: whatever asked for a wake-up is visible below
                 if self._rescan_requested or watch.fileno() in fds:
                     self._rescan_requested = False
-                    self._mount_table_changed(dirty)
-                self._take_notified(dirty)
+                    self._guarded("reading the mount table and the records", self._mount_table_changed, dirty)
+                self._guarded("taking notifications", self._take_notified, dirty)
                 for fd in fds:
                     if fd in self._by_fd:
-                        self._tunnel_exited(self._by_fd[fd], dirty)
+                        self._pidfd_ready(fd, dirty)
                 while True:
                     try:
                         finished = self._results.get_nowait()
                     except queue.Empty:
                         break
-                    try:
-                        finished()
-                    except Exception:
-                        log.exception("handling a finished job failed")
+                    self._guarded("handling a finished job", finished)
                 self._due_timers(dirty)
                 self._evaluate_all(dirty)
+                if self._again:
+                    self._wake()  # loaded while deciding (a reap found its record rewritten)
+
+    def _guarded(self, what: str, step: Callable[..., Any], *args: Any) -> None:
+        """One step of the loop; a failure is logged (once per distinct error) and the loop goes on."""
+        try:
+            step(*args)
+        except Exception as exc:
+            text = f"{what}: {type(exc).__name__}: {exc}"[:300]
+            if text not in self._failures:
+                if len(self._failures) >= 100:
+                    self._failures.clear()
+                self._failures.add(text)
+                log.exception("%s failed; supervision goes on", what)
+
+    def _pidfd_ready(self, fd: int, dirty: Set[str]) -> None:
+        key = self._by_fd[fd]
+        self._guarded(f"handling the exit of the tunnel of {key}", self._tunnel_exited, key, dirty)
+        if self._by_fd.get(fd) == key and select.select([fd], [], [], 0)[0]:
+            # It failed half way: stop watching this pidfd, or epoll reports it forever.
+            e = self._entries.get(key)
+            if e is not None:
+                self._guarded("closing a pidfd", self._watch_tunnel_off, e)
+                dirty.add(key)
 
     def _timeout(self) -> float:
         candidates = (self._timers[0][0] if self._timers else None, self._orphan_due, self._listen_due)
@@ -223,30 +265,16 @@ class Supervisor(ActionsMixin):
                 e.wake_at = None
                 dirty.add(key)
         if self._orphan_due is not None and self._orphan_due <= now:
-            self._scan_orphans(now)
+            self._guarded("looking for orphan tunnels", self._scan_orphans, now, dirty)
         if self._listen_due is not None and self._listen_due <= now:
-            self._sweep_listeners(now, dirty)
+            self._listen_due = now + self.policy.poll_interval  # a failed sweep must not be due forever
+            self._guarded("checking that tunnels listen", self._sweep_listeners, now, dirty)
 
-    def _scan_orphans(self, now: float) -> None:
+    def _scan_orphans(self, now: float, dirty: Set[str]) -> None:
+        self._orphan_due = now + self._sweeper.interval  # a failed sweep must not be due forever
+        self._sync_records(dirty)  # records any process wrote meanwhile are known before deciding
         known = [e.record.tunnel for e in self._entries.values() if e.record.tunnel is not None]
         self._orphan_due = self._sweeper.sweep(known, now)
-
-    def _sweep_listeners(self, now: float, dirty: Set[str]) -> None:
-        """Every poll interval: does each live tunnel still listen? A wedged one is restarted
-        within two intervals. Two misses in a row are needed, so the moment a reload (SIGHUP)
-        re-binds the port never gets a healthy tunnel restarted."""
-        self._listen_due = now + self.policy.poll_interval
-        self._probe.new_sweep()
-        for e in self._entries.values():
-            r = e.record
-            if not (e.alive and r.tls and r.port and r.tunnel) or e.busy:
-                continue
-            if self._probe.still_listening(r.tunnel.pid, r.port):
-                e.listen_misses = 0
-                continue
-            e.listen_misses += 1
-            if e.listen_misses >= 2:
-                dirty.add(e.key)
 
     def _schedule(self, e: _Entry, when: Optional[float]) -> None:
         if when is not None:
@@ -257,99 +285,6 @@ class Supervisor(ActionsMixin):
         e.wake_at = when
         if when is not None:
             heapq.heappush(self._timers, (when, next(self._seq), e.key))
-
-    # --- observing -----------------------------------------------------------------------
-    def _mount_table_changed(self, dirty: Set[str]) -> None:
-        """Re-read the table and the state dir's names; mark the records whose view changed."""
-        self._mounts = self._read_mounts()
-        nfs = {os.path.normpath(m.mountpoint) for m in self._mounts if m.is_nfs}
-        ports = ports_in_use(self._mounts)
-        changed_points = nfs ^ self._nfs
-        changed_ports = {p for p in set(ports) | set(self._ports) if ports.get(p) != self._ports.get(p)}
-        self._nfs, self._ports = nfs, ports
-        self._sync_records(dirty)
-        for e in self._entries.values():
-            if os.path.normpath(e.record.mountpoint) in changed_points or e.record.port in changed_ports:
-                dirty.add(e.key)
-
-    def _sync_records(self, dirty: Set[str]) -> None:
-        try:
-            names = {n for n in os.listdir(self.state_dir) if n.endswith(state.SUFFIX) and not is_temp_name(n)}
-        except FileNotFoundError:
-            names = set()
-        for key in set(self._entries) - names:
-            self._forget(key)  # released by someone else (the agent, efsplug unmount)
-        now = self._clock()
-        for key in sorted(names - set(self._entries)):
-            try:
-                record = state.load(self.state_dir / key)
-            except StateError as exc:
-                log.warning("ignoring %s", exc)
-                continue
-            spread = (zlib.crc32(key.encode()) % 1000) / 1000.0 * (self.policy.health_interval or 0.0)
-            e = _Entry(key, record, d.Tracking(next_health=now + spread if self.policy.health_interval else None))
-            if not (mount_dir(record, self.state_dir) / STATUS_FILE).exists():
-                e.shown = (d.OK, "")  # nothing to correct: an "ok" mount needs no status file
-            self._entries[key] = e
-            self._watch_tunnel(e)
-            dirty.add(key)
-
-    def _watch_tunnel(self, e: _Entry) -> None:
-        self._watch_tunnel_off(e)
-        fd = tunnels.open_pidfd(e.record.tunnel) if e.record.tunnel else None
-        e.alive = fd is not None
-        if fd is not None:
-            e.pidfd = fd
-            self._by_fd[fd] = e.key
-            self._epoll.register(fd, select.EPOLLIN)
-
-    def _tunnel_exited(self, key: str, dirty: Set[str]) -> None:
-        e = self._entries[key]
-        assert e.record.tunnel is not None and e.pidfd is not None
-        if not select.select([e.pidfd], [], [], 0)[0]:
-            return  # fd number reused this round by a fresh pidfd: that tunnel lives
-        self._watch_tunnel_off(e)
-        tunnels.reap_child(e.record.tunnel.pid)
-        # After an unmount the tunnel is stopped on purpose (unmount.release): not news.
-        mountpoint = os.path.normpath(e.record.mountpoint)
-        mounted = any(m.is_nfs and os.path.normpath(m.mountpoint) == mountpoint for m in self._read_mounts())  # fresh: rare
-        (log.warning if mounted else log.info)(
-            "tunnel of %s (port %s, pid %d) exited", e.record.mountpoint, e.record.port, e.record.tunnel.pid)
-        dirty.add(key)
-
-    def _forget(self, key: str) -> None:
-        e = self._entries.pop(key, None)
-        if e is not None:
-            self._watch_tunnel_off(e)
-
-    def _observe(self, e: _Entry, now: float) -> d.Observation:
-        r, t = e.record, e.tracking
-        listening = None
-        probe_due = t.next_health is None or now >= t.next_health or e.listen_misses >= 2
-        if self.policy.health_interval is not None and e.alive and r.port and r.tunnel and probe_due:
-            listening = self._probe.listening(r.tunnel.pid, r.port)  # confirms with a fresh read
-            e.listen_misses = 0 if listening else e.listen_misses
-        refs: Optional[int] = None
-        if self._references is not None:
-            try:
-                refs = self._references(r.mountpoint)
-            except Exception:  # the agent's bookkeeping failed: assume referenced, reap nothing
-                log.exception("references(%s) failed", r.mountpoint)
-                refs = 1
-        mounted = os.path.normpath(r.mountpoint) in self._nfs
-        users = tuple(self._ports.get(r.port, ())) if r.port else ()
-        connected = False
-        if not mounted and not users and e.alive and r.tunnel and r.port:
-            connected = kernel_connected(r.tunnel.pid, r.port)  # only on the way out
-        return d.Observation(
-            mounted=mounted,
-            port_users=users,
-            kernel_connected=connected,
-            tunnel_alive=e.alive,
-            tunnel_listening=listening,
-            netns_present=not r.netns or os.path.exists(netns_path(r.netns)),
-            references=refs,
-        )
 
     # --- deciding and acting ---------------------------------------------------------------
     def _evaluate_all(self, keys: Set[str]) -> None:
@@ -375,8 +310,8 @@ class Supervisor(ActionsMixin):
             if action.kind == d.RESTART_TUNNEL and d.UNMOUNT in e.busy:
                 continue  # the unmount stops the tunnel on purpose
             getattr(self, "_do_" + action.kind.replace("-", "_"))(e, action)
-            if e.key not in self._entries:
-                return
+            if self._entries.get(e.key) is not e:
+                return  # forgotten, or replaced by a rewritten record
         self._publish(e)
         self._schedule(e, decision.wake_at)
 
@@ -387,13 +322,6 @@ class Supervisor(ActionsMixin):
         e.shown = shown
         since = datetime.now(timezone.utc).isoformat(timespec="seconds")
         write_status(mount_dir(e.record, self.state_dir), MountStatus(shown[0], shown[1], since, os.getpid()))
-
-    def _watch_tunnel_off(self, e: _Entry) -> None:
-        if e.pidfd is not None:
-            self._epoll.unregister(e.pidfd)
-            self._by_fd.pop(e.pidfd, None)
-            os.close(e.pidfd)
-            e.pidfd, e.alive = None, False
 
     def _submit(self, fn: Callable[[], object]) -> "Future":
         assert self._executor is not None

@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from efsplug.agent.mounter import EfsMounter
 from efsplug.agent.plugin import Plugin
@@ -70,8 +70,8 @@ def build_plugin(args: argparse.Namespace) -> Plugin:
 # reaps what is gone; in process, it asks the plugin how many Docker references a
 # mountpoint has (a referenced volume is never reaped) and is told when they change.
 # With [mount-watchdog] enabled = false, or --no-supervisor, nothing is started.
-def start_supervisor(args: argparse.Namespace, plugin: Plugin,
-                     sink: Optional[LogSink] = None) -> Optional["Supervisor"]:
+def start_supervisor(args: argparse.Namespace, plugin: Plugin, sink: Optional[LogSink] = None,
+                     on_failure: Optional[Callable[[], None]] = None) -> Optional["Supervisor"]:
     if args.no_supervisor:
         return None
     loaded = load_config(args.config)
@@ -82,7 +82,8 @@ def start_supervisor(args: argparse.Namespace, plugin: Plugin,
                         format="efsplug agent: supervisor %(levelname)s %(message)s", stream=sys.stderr)
     if sink is not None:  # the supervisor's actions go to CloudWatch Logs too
         logging.getLogger("efsplug.supervisor").addHandler(SinkHandler(sink))
-    supervisor = Supervisor(loaded.config, references=plugin.references)
+    # Should its thread die, the agent must not serve on unsupervised: on_failure ends run().
+    supervisor = Supervisor(loaded.config, references=plugin.references, on_failure=on_failure)
     plugin.on_change = supervisor.notify
     supervisor.start()
     return supervisor
@@ -115,16 +116,16 @@ def stop_cloudwatch(sink: Optional[LogSink]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     sink: Optional[LogSink] = None
+    stopping = threading.Event()  # set by SIGTERM/SIGINT, or by the supervisor's death
     try:
         plugin = build_plugin(args)
         sink = start_cloudwatch(args)
         server = AgentServer(bind_socket(args.socket), plugin, RequestLog(sink=sink))
-        supervisor = start_supervisor(args, plugin, sink)
+        supervisor = start_supervisor(args, plugin, sink, on_failure=stopping.set)
     except (EfsplugError, OSError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr, flush=True)
         stop_cloudwatch(sink)
         return 1
-    stopping = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
         stopping.set()
@@ -146,5 +147,9 @@ def run(args: argparse.Namespace) -> int:
             say("requests still running at shutdown; exiting anyway")
         stop_supervisor(supervisor)
         stop_cloudwatch(sink)
+    if supervisor is not None and supervisor.failed.is_set():
+        say(f"the supervisor died ({type(supervisor.error).__name__}: {supervisor.error}); exiting 1 "
+            "for the service to be restarted; mounts left in place")
+        return 1
     say("stopped; mounts left in place")
     return 0

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -23,6 +24,7 @@ from typing import List
 
 import pytest
 
+from efsbed import procs
 from efsbed.procs import wait_until
 from efsplug import state
 from efsplug.ports import reserve_port
@@ -214,3 +216,19 @@ def test_a_dead_supervisor_thread_is_reported(tmp_path: Path) -> None:
     wait_until(stopped.supervising.is_set, 10, "supervising")
     stopped.stop()  # a stop is not a death
     assert not stopped.failed.is_set() and died.is_set()
+
+
+def test_the_agent_exits_when_its_supervisor_dies(tmp_path: Path) -> None:
+    (tmp_path / "efs").write_text("")  # the state dir is a file: the supervisor thread dies at once
+    (tmp_path / "efs-utils.conf").write_text(f"[efsplug]\nstate_dir = {tmp_path / 'efs'}\n")
+    argv = [sys.executable, "-m", "efsplug.cli", "agent", "--socket", str(tmp_path / "plugins" / "t.sock"),
+            "--state", str(tmp_path / "data" / "volumes.json"), "--volumes-root", str(tmp_path / "volumes"),
+            "--config", str(tmp_path / "efs-utils.conf")]
+    agent = procs.start("agent", argv, tag=procs.new_tag(), log=tmp_path / "agent.log")
+    try:
+        assert agent.popen.wait(30) == 1
+    finally:
+        agent.stop()
+    log = (tmp_path / "agent.log").read_text()
+    assert "efsplug agent: the supervisor died" in log, log
+    assert not (tmp_path / "plugins" / "t.sock").exists()

@@ -52,7 +52,7 @@ class ObserveMixin:
         Called on mount-table events and right before every decision that could stop a
         tunnel: a record another process wrote (a mount in progress) is known by then.
         """
-        scan = self._records.scan()
+        scan = self._records.scan(self._entries.keys())
         for key in set(self._entries) - scan.present:
             self._forget(key)  # released by someone else (the agent, efsplug unmount), or gone bad
         now = self._clock()

@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Dict, List, Set, Tuple
+from typing import Callable, Collection, Dict, List, Set, Tuple
 
 from efsplug import state
 from efsplug.fsutil import is_temp_name
@@ -54,8 +54,9 @@ class RecordDir:
         self._held: Dict[str, Stamp] = {}  # key -> the file version the supervisor holds
         self._bad: Dict[str, Stamp] = {}  # key -> the file version already reported as bad
 
-    def scan(self) -> Scan:
-        """Every usable record's key; records new or rewritten since the last scan, loaded."""
+    def scan(self, held: Collection[str]) -> Scan:
+        """Every usable record's key; records new or rewritten since the last scan, or not in
+        held (the keys the caller holds an entry for), loaded."""
         scan = Scan()
         try:
             names = sorted(n for n in os.listdir(self.state_dir) if n.endswith(state.SUFFIX) and not is_temp_name(n))
@@ -71,7 +72,7 @@ class RecordDir:
                 if self._bad.get(key) != _UNSTATABLE:
                     self._report(key, StateError(f"{path}: cannot stat: {exc.strerror}", corrupt=False), _UNSTATABLE)
                 continue
-            if self._held.get(key) == stamp:
+            if self._held.get(key) == stamp and key in held:
                 scan.present.add(key)
                 continue
             if self._bad.get(key) == stamp:

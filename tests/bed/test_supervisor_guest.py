@@ -393,3 +393,39 @@ def test_efs_utils_tunnels_in_the_shared_state_dir_are_left_alone(configure, sup
             bed.guest.kill(pid, signal.SIGKILL)
         bed.guest.kill(orphan, signal.SIGKILL)
         bed.run(["sh", "-c", f"rm -rf {EFS_UTILS}/*efsutils* /tmp/efsutils-bin /tmp/efsutils-*.log /tmp/sup-gone.log"])
+
+
+BAD_RECORDS = {
+    "fs-01234567.mnt-deep.json": b"[" * 30_000 + b"]" * 30_000,
+    "fs-01234567.mnt-int.json": b'{"version": 1, "port": ' + b"9" * 50_000 + b"}",
+    "fs-01234567.mnt-pid.json": json.dumps({"version": 1, "fs_id": "fs-01234567", "mountpoint": "/mnt/pid",
+                                            "tunnel": {"pid": -4, "create_time": 1, "cmdline": []}}).encode(),
+    "fs-01234567.mnt-bytes.json": b"\xff\xfe{",
+}
+
+
+def test_bad_records_stop_neither_supervision_nor_status(configure, supervisors, clean_guest: Bed) -> None:
+    bed = clean_guest
+    configure()
+    bed.run(["mkdir", "-p", STATE])
+    for name, raw in BAD_RECORDS.items():
+        bed.guest.run(["tee", f"{STATE}/{name}"], input=raw, check=True)
+    sup = supervisors()
+    quarantined = lambda: bed.run(["sh", "-c", f"ls {STATE} | grep -c '\\.json\\.corrupt-'"]).stdout.strip()  # noqa: E731
+    wait_until(lambda: quarantined() == str(len(BAD_RECORDS)), 20, "bad records quarantined")
+    mount(bed, "/mnt/supbad", "tls")
+    try:
+        res = bed.run([EFSPLUG, "status"])
+        assert res.rc == 0, res.stderr
+        assert res.stdout.startswith("/mnt/supbad  ") and res.stdout.count("quarantined record: ") == 4, res.stdout
+        old = record_of(bed, "/mnt/supbad")["tunnel"]["pid"]
+        assert bed.run(["kill", "-9", str(old)]).rc == 0
+        wait_until(lambda: record_of(bed, "/mnt/supbad")["tunnel"]["pid"] != old, 20, "tunnel restarted")
+        assert bed.run(["sh", "-c", "echo ok > /mnt/supbad/bad-records"], timeout=60).rc == 0
+        log = sup.log()
+        for name in BAD_RECORDS:
+            assert log.count(f"/{name}:") == 1, log  # reported once, mount events or not
+        assert "Traceback" not in log, log
+    finally:
+        umount(bed, "/mnt/supbad")
+        (bed.export_dir / "bad-records").unlink(missing_ok=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import http.client
 import os
 import socket
+import threading
 from dataclasses import dataclass, field
 from typing import Dict, Mapping, Optional, Tuple
 from urllib.parse import urlsplit
@@ -115,8 +116,16 @@ class InstanceMetadata:
         raise AssertionError("unreachable")
 
 
+MAX_BODY = 256 * 1024  # metadata and credentials documents are a few KiB
+
+
 def http_request(method: str, url: str, headers: Mapping[str, str], timeout: float) -> Tuple[int, str]:
-    """One HTTP(S) request: (status, body text). OSError for anything on the wire."""
+    """One HTTP(S) request: (status, body text). OSError for anything on the wire.
+
+    timeout bounds the whole request, not each socket operation: an endpoint that
+    trickles a byte now and then would otherwise hold the mount (and, in the agent, the
+    volume's lock) for ever. The body is read up to MAX_BODY.
+    """
     parts = urlsplit(url)
     if parts.scheme == "https":
         connection: http.client.HTTPConnection = http.client.HTTPSConnection(
@@ -128,13 +137,38 @@ def http_request(method: str, url: str, headers: Mapping[str, str], timeout: flo
     target = parts.path or "/"
     if parts.query:
         target += "?" + parts.query
+    expired = threading.Event()
     try:
-        connection.request(method, target, headers=dict(headers))
-        response = connection.getresponse()
-        return response.status, response.read().decode(errors="replace")
-    except http.client.HTTPException as exc:  # not an OSError: a garbled or cut answer
+        connection.connect()
+        # At the deadline the socket is shut down: whatever read is blocked fails at once.
+        timer = threading.Timer(timeout, _cut, args=(connection.sock, expired))
+        timer.daemon = True
+        timer.start()
+        try:
+            connection.request(method, target, headers=dict(headers))
+            response = connection.getresponse()
+            body = response.read(MAX_BODY + 1)
+        finally:
+            timer.cancel()
+        if expired.is_set():  # cut mid-answer: what was parsed is not the whole answer
+            raise TimeoutError(f"no complete answer within {timeout:g}s")
+        if len(body) > MAX_BODY:
+            raise OSError(f"answer longer than {MAX_BODY} bytes")
+        return response.status, body.decode(errors="replace")
+    except (http.client.HTTPException, OSError) as exc:  # HTTPException: a garbled or cut answer
+        if expired.is_set():
+            raise TimeoutError(f"no complete answer within {timeout:g}s") from None
+        if isinstance(exc, OSError):
+            raise
         raise OSError(f"bad HTTP answer ({type(exc).__name__})") from None
     finally:
         connection.close()
 
 
+def _cut(sock: Optional[socket.socket], expired: threading.Event) -> None:
+    expired.set()
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already closed

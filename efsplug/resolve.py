@@ -9,14 +9,20 @@ is the most common reason a mount hangs, and it deserves its own error.
 from __future__ import annotations
 
 import os
+import queue
 import socket
+import threading
 from dataclasses import dataclass
-from typing import Callable, List, Mapping, Optional
+from typing import Callable, List, Mapping, Optional, Tuple, TypeVar
 
 from efsplug.errors import MountFailure
 
+T = TypeVar("T")
+
 NFS_PORT = 2049
 CONNECT_CHECK_SECONDS = 3.0
+API_CONNECT_TIMEOUT, API_READ_TIMEOUT, API_ATTEMPTS = 3.0, 5.0, 2  # DescribeMountTargets: bounded, see below
+API_DEADLINE = API_ATTEMPTS * (API_CONNECT_TIMEOUT + API_READ_TIMEOUT)
 
 
 @dataclass(frozen=True)
@@ -70,13 +76,45 @@ def _port_answers(ip: str) -> bool:
         return False
 
 
+def _within(seconds: float, call: Callable[[], T]) -> T:
+    """call() in a daemon thread, given up on (TimeoutError) after seconds in all.
+
+    botocore's timeouts are per socket read: an endpoint trickling a byte now and then
+    would hold the caller for ever. Given up on, the thread is left to end on its own.
+    """
+    done: "queue.Queue[Tuple[bool, object]]" = queue.Queue(maxsize=1)
+
+    def run() -> None:
+        try:
+            done.put((True, call()))
+        except BaseException as exc:  # handed to the caller, raised there
+            done.put((False, exc))
+
+    threading.Thread(target=run, name="efsplug-api-call", daemon=True).start()
+    try:
+        ok, value = done.get(timeout=seconds)
+    except queue.Empty:
+        raise TimeoutError(f"no answer within {seconds:g}s") from None
+    if not ok:
+        raise value  # type: ignore[misc]
+    return value  # type: ignore[return-value]
+
+
 def _mount_target_from_api(fs_id: str, region: str, az_id: Optional[str], dns_name: str) -> str:
+    import botocore.config
     import botocore.exceptions
     import botocore.session
 
+    # botocore's defaults (60 s timeouts, 5 attempts) let a silent endpoint hold a mount,
+    # and in the agent the volume's lock, for minutes: at most 2 x (3 + 5) s here.
+    config = botocore.config.Config(connect_timeout=API_CONNECT_TIMEOUT, read_timeout=API_READ_TIMEOUT,
+                                    retries={"max_attempts": API_ATTEMPTS, "mode": "standard"})
     try:
-        client = botocore.session.get_session().create_client("efs", region_name=region)
-        targets = client.describe_mount_targets(FileSystemId=fs_id)["MountTargets"]
+        client = botocore.session.get_session().create_client("efs", region_name=region, config=config)
+        targets = _within(API_DEADLINE, lambda: client.describe_mount_targets(FileSystemId=fs_id)["MountTargets"])
+    except TimeoutError:
+        raise MountFailure(f"cannot resolve {dns_name}, and the EFS API did not answer DescribeMountTargets within "
+                           f"{API_DEADLINE:g}s; pass mounttargetip=<ip>") from None
     except botocore.exceptions.NoCredentialsError:
         raise MountFailure(
             f"cannot resolve {dns_name}, and the IP fallback needs AWS credentials to call "

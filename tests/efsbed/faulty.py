@@ -1,0 +1,99 @@
+"""Servers that misbehave on purpose, on 127.0.0.1, for tests of bounded waits.
+
+    with SilentServer() as s:      # accepts, reads, never answers
+    with TrickleServer() as t:     # an HTTP answer that never ends: one header byte at a time
+    with HugeAnswer() as h:        # an HTTP answer with an endless body
+
+Each runs in daemon threads and is stopped (listener and connections closed) on exit.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from typing import List
+
+
+class _Server:
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.accepted = 0
+        self.first_accepted = threading.Event()
+        self.ended = threading.Event()  # the first connection was closed by its client
+        self._stopping = threading.Event()
+        self._conns: List[socket.socket] = []
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> "_Server":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.listener.close()
+        with self._lock:
+            for conn in self._conns:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                conn.close()
+        self._thread.join(5)
+
+    def _serve(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return  # the listener was closed
+            with self._lock:
+                self._conns.append(conn)
+                self.accepted += 1
+            self.first_accepted.set()
+            threading.Thread(target=self._talk, args=(conn,), daemon=True).start()
+
+    def _talk(self, conn: socket.socket) -> None:
+        try:
+            self.handle(conn)
+        except OSError:
+            pass
+        finally:
+            self.ended.set()
+
+    def handle(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+
+class SilentServer(_Server):
+    def handle(self, conn: socket.socket) -> None:
+        while conn.recv(65536):
+            pass  # read requests, answer none
+
+
+class TrickleServer(_Server):
+    """Reads the request, then sends a status line and one header byte every `gap` seconds, for ever."""
+
+    gap = 0.2
+
+    def handle(self, conn: socket.socket) -> None:
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+        while not self._stopping.wait(self.gap):
+            conn.sendall(b"a")
+
+
+class HugeAnswer(_Server):
+    """Reads the request, then answers 200 with a body that never ends."""
+
+    def handle(self, conn: socket.socket) -> None:
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n")
+        chunk = b"x" * 65536
+        while not self._stopping.is_set():
+            conn.sendall(chunk)

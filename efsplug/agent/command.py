@@ -1,7 +1,8 @@
 """`efsplug agent`: serve the Docker volume plugin until SIGTERM.
 
-Start-up: load the state (quarantining a corrupt file), reconcile it with the kernel's
-mount table, bind the socket (replacing a stale one), serve. Shutdown (SIGTERM/SIGINT):
+Start-up: lock the state file (one agent per state file), load the state (quarantining a
+corrupt file), reconcile it with the kernel's mount table, bind the socket (replacing a
+stale one), serve. SIGHUP is logged and ignored. Shutdown (SIGTERM/SIGINT):
 stop accepting, let requests in progress finish, remove the socket. Never unmounts:
 containers keep their volumes across agent restarts and upgrades.
 """
@@ -16,6 +17,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Optional
 
+from efsplug.agent.instancelock import hold_instance_lock
 from efsplug.agent.mounter import EfsMounter
 from efsplug.agent.plugin import Plugin
 from efsplug.agent.reconcile import reconcile
@@ -53,6 +55,7 @@ def say(text: str) -> None:
 
 def build_plugin(args: argparse.Namespace) -> Plugin:
     """The plugin with its state loaded and reconciled with the kernel; nothing is unmounted."""
+    hold_instance_lock(args.state)  # before anything is read or bound: one agent per state file
     store = Store(args.state)
     loaded = store.load()
     if loaded.quarantined is not None:
@@ -132,6 +135,11 @@ def run(args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
+    # SIGHUP (a closed terminal, a habit of `kill -HUP` to reload) must not stop the plugin
+    # every container's volumes depend on. There is nothing to reload: efs-utils.conf is
+    # read at every mount, and the rest takes a restart.
+    signal.signal(signal.SIGHUP, lambda signum, frame: say(
+        "SIGHUP ignored: efs-utils.conf is read at every mount; restart the service for the rest"))
     serving = threading.Thread(target=server.serve_forever, name="efsplug-agent-accept", daemon=True)
     serving.start()
     say(f"serving {args.socket} ({len(plugin.volumes)} volumes, state {args.state})")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, List, Optional
 
-from efsplug import __version__
+from efsplug import __version__, interrupt
 from efsplug.errors import EXIT_MOUNT_FAILURE, EfsplugError
 from efsplug.options import USAGE
 
@@ -43,7 +43,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"{PROG}: warning: {warning}", file=sys.stderr)
         sink = _start_sink(request, loaded.config)
         timings = Timings()
-        record = mount_efs(request, loaded.config, timings=timings)
+        interrupt.arm()
+        try:
+            record = mount_efs(request, loaded.config, timings=timings)
+        finally:
+            interrupt.disarm()
     except EfsplugError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         _finish_sink(sink, request, f"{exc}", exc.exit_code)

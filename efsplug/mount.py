@@ -12,6 +12,7 @@ import contextlib
 import os
 import shutil
 import socket
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
@@ -23,6 +24,8 @@ from efsplug.config import Config, MountConfig
 from efsplug.errors import MountFailure, shown
 from efsplug.fsutil import atomic_write, ensure_dir
 from efsplug.imds import InstanceMetadata, MetadataUnavailable
+from efsplug.interrupt import Interrupted
+from efsplug.mounttable import read_mounts
 from efsplug.netns import check_namespace
 from efsplug.nfs import NfsMount, mount_nfs
 from efsplug.options import MountRequest, nfs_device, nfs_mount_options, parse_ip, validate_region
@@ -107,15 +110,31 @@ def mount_efs(
     with timings.phase("credentials"):
         identity = _identity(request, environ, region)
     with contextlib.ExitStack() as undo:
-        record = _start_tunnel(request, config, mount_config, region, target, identity, timings, now, undo)
-        with timings.phase("mount.nfs4"):
-            _mount(
-                request, mount_config, f"127.0.0.1:{request.path}", nfs_mount_options(request, tunnel_port=record.port),
-                tunnel_log=str(Path(str(record.config_file)).with_name(TUNNEL_LOG)), target=target.address,
-                identity=_describe(identity),
-            )
-        undo.pop_all()  # the mount is made: everything created now belongs to it
+        record: Optional[state.MountRecord] = None
+        try:
+            record = _start_tunnel(request, config, mount_config, region, target, identity, timings, now, undo)
+            with timings.phase("mount.nfs4"):
+                _mount(
+                    request, mount_config, f"127.0.0.1:{request.path}",
+                    nfs_mount_options(request, tunnel_port=record.port),
+                    tunnel_log=str(Path(str(record.config_file)).with_name(TUNNEL_LOG)), target=target.address,
+                    identity=_describe(identity),
+                )
+            undo.pop_all()  # the mount is made: everything created now belongs to it
+        except Interrupted:
+            # A signal may land after mount.nfs4 made the mount: the kernel decides. A made
+            # mount keeps its tunnel and record (stopping them would hang it); else undo all.
+            if record is not None and _mounted_through(str(request.mountpoint), record.port):
+                undo.pop_all()
+                print(f"mount.efs: a signal arrived after {request.mountpoint} was mounted; the mount is kept",
+                      file=sys.stderr)
+                return record
+            raise
     return record
+
+
+def _mounted_through(mountpoint: str, port: Optional[int]) -> bool:
+    return any(m.mountpoint == os.path.normpath(mountpoint) and m.is_nfs and m.port == port for m in read_mounts())
 
 
 def find_region(request: MountRequest, config: Config, environ: Mapping[str, str], imds: InstanceMetadata) -> str:
@@ -191,7 +210,7 @@ def _start_tunnel(
             credential_expiry=identity.credentials.expiry if identity.credentials else None,
         )
         mount_dir = state_dir / state.file_name(record)[: -len(state.SUFFIX)]
-        mount_dir.mkdir(mode=0o700)
+        _fresh_dir(mount_dir)
         undo.callback(shutil.rmtree, mount_dir, True)
         cert_file = key_file = None
         if request.iam or request.accesspoint:
@@ -231,6 +250,22 @@ def _start_tunnel(
     state.save(state_dir, record)
     undo.callback(state.remove, state_dir, record)
     return record
+
+
+def _fresh_dir(mount_dir: Path) -> None:
+    """Make the per-mount directory; one already there is a killed mount's leftover.
+
+    Its name holds the port this mount has just reserved, so no live tunnel can own it.
+    """
+    try:
+        mount_dir.mkdir(mode=0o700)
+        return
+    except FileExistsError:
+        pass
+    if mount_dir.is_symlink() or not mount_dir.is_dir():
+        raise MountFailure(f"{mount_dir} exists and is not a directory efsplug made; move it away")
+    shutil.rmtree(mount_dir)
+    mount_dir.mkdir(mode=0o700)
 
 
 def _tunnel_spec(**fields) -> TunnelSpec:

@@ -44,11 +44,10 @@ def check_namespace(netns: str) -> None:
         raise MountFailure(f"netns {shown(netns)} is not a network namespace; pass /proc/<pid>/ns/net or an ip-netns name")
 
 
-@contextlib.contextmanager
-def opened(netns: str) -> Iterator[int]:
-    """The namespace file, open. Only a regular file is opened (a namespace file is one), and
-    without blocking: opening a FIFO would hang the mount (and the volume's lock) forever,
-    and opening some devices has effects of its own (a watchdog starts counting down)."""
+def open_namespace(netns: str) -> int:
+    """The namespace file, open (close it). Only a regular file is opened (a namespace file
+    is one), and without blocking: opening a FIFO would hang the mount (and the volume's
+    lock) forever, and opening some devices has effects of its own (a watchdog starts)."""
     path = netns_path(netns)
     hint = "pass the task's namespace, e.g. /proc/<pid>/ns/net of its pause container"
     try:
@@ -57,9 +56,16 @@ def opened(netns: str) -> Iterator[int]:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
     except OSError as exc:
         raise MountFailure(f"netns {path}: {exc.strerror}; {hint}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped after the check above
+        os.close(fd)
+        raise MountFailure(f"netns {shown(netns)} is not a network namespace; {hint}")
+    return fd
+
+
+@contextlib.contextmanager
+def opened(netns: str) -> Iterator[int]:
+    fd = open_namespace(netns)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped after the check above
-            raise MountFailure(f"netns {shown(netns)} is not a network namespace; {hint}")
         yield fd
     finally:
         os.close(fd)

@@ -23,7 +23,8 @@ from typing import IO, Optional, Set, Tuple
 import psutil
 
 from efsplug.fsutil import atomic_write
-from efsplug.netns import netns_path, preexec_entering
+from efsplug.errors import MountFailure
+from efsplug.netns import open_namespace, preexec_entering
 from efsplug.stunnel import TunnelSpec, render
 
 _CREATE_TIME_TOLERANCE = 0.005  # psutil derives it from clock ticks (10 ms); same process => equal
@@ -202,11 +203,10 @@ class Tunnel:
         config_path = Path(config_path)
         ns_fd: Optional[int] = None
         if netns is not None:
-            ns_file = netns_path(netns)
             try:
-                ns_fd = os.open(ns_file, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError as e:
-                raise TunnelError(f"cannot open network namespace {ns_file}: {e.strerror}") from None
+                ns_fd = open_namespace(netns)  # never blocks: the supervisor restarts tunnels from records
+            except MountFailure as e:
+                raise TunnelError(f"cannot open network namespace: {e}") from None
         popen: Optional["subprocess.Popen[bytes]"] = None
         log: Optional[_StartLog] = None
         try:

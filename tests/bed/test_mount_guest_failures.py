@@ -8,7 +8,6 @@ may stay), no held port lock, no mount.
 from __future__ import annotations
 
 import secrets
-import socket
 import threading
 from typing import Iterator, List
 
@@ -16,6 +15,7 @@ import pytest
 
 from efsbed import iam
 from efsbed.bed import Bed
+from efsbed.faulty import SilentServer
 from efsbed.guestmount import (
     NOTHING_LEFT, guest_config, guest_file, kernel_mounts, leftovers, mount, mount_of, new_connections, profile_text,
     record_for, records, sh, task_netns, write_and_find,
@@ -88,60 +88,60 @@ def test_awscredsuri_revoked_before_the_mount(bed: Bed, clean_guest: Bed) -> Non
 
 # --- a mount target that stalls longer than one attempt -----------------------------------------
 
-class SilentServer:
-    """Accepts TCP connections and never answers: an NFS server that stalls. Counts the
-    connections and sets `ended` when the first one is closed by its client."""
-
-    def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.accepted = 0
-        self.ended = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return  # closed
-            self.accepted += 1
-            threading.Thread(target=self._swallow, args=(conn,), daemon=True).start()
-
-    def _swallow(self, conn: socket.socket) -> None:
-        with conn:
-            while conn.recv(65536):
-                pass  # read requests, answer none
-        self.ended.set()
-
-    def close(self) -> None:
-        self.listener.close()
-        self._thread.join(5)
-
-
 def test_a_stall_longer_than_one_attempt_is_retried_on_the_same_tunnel(bed: Bed, clean_guest: Bed) -> None:
     """The first attempt meets a silent server and times out; the mount target then recovers:
     the next attempt (retry_nfs_mount_command_count) mounts, as efs-utils' retries do."""
     real = bed.endpoint.routes
-    silent = SilentServer()
     result: List[object] = []
-    try:
-        bed.endpoint.reconfigure(routes={**real, None: silent.port})
-        with guest_config(bed, "retry_nfs_mount_command_timeout_sec = 5\nretry_nfs_mount_command_count = 3\n"):
-            mounting = threading.Thread(target=lambda: result.append(mount(bed, "/mnt/stall", "tls")))
+    with SilentServer() as silent:
+        try:
+            bed.endpoint.reconfigure(routes={**real, None: silent.port})
+            with guest_config(bed, "retry_nfs_mount_command_timeout_sec = 5\nretry_nfs_mount_command_count = 3\n"):
+                mounting = threading.Thread(target=lambda: result.append(mount(bed, "/mnt/stall", "tls")))
+                mounting.start()
+                assert silent.ended.wait(60), "the first attempt never gave up on the silent server"
+                bed.endpoint.reconfigure(routes=real)  # the mount target recovers
+                mounting.join(120)
+        finally:
+            bed.endpoint.reconfigure(routes=real)
+    (res,) = result
+    assert res.rc == 0, res  # type: ignore[attr-defined]
+    assert silent.accepted >= 1 and len(records(bed)) == 1
+    write_and_find(bed, "/mnt/stall", bed.export_dir)
+    assert bed.run(["umount", "/mnt/stall"], timeout=60).rc == 0
+
+
+@pytest.mark.parametrize("sig", ["TERM", "INT", "HUP"])
+def test_mount_efs_killed_part_way_leaves_nothing(bed: Bed, clean_guest: Bed, sig: str) -> None:
+    """Stopped while mount.nfs4 waits on a silent server: tunnel, port, record and directory all go."""
+    real = bed.endpoint.routes
+    result: List[object] = []
+    with SilentServer() as silent:
+        try:
+            bed.endpoint.reconfigure(routes={**real, None: silent.port})
+            mounting = threading.Thread(target=lambda: result.append(mount(bed, "/mnt/killed", "tls")))
             mounting.start()
-            assert silent.ended.wait(60), "the first attempt never gave up on the silent server"
-            bed.endpoint.reconfigure(routes=real)  # the mount target recovers
-            mounting.join(120)
-        (res,) = result
-        assert res.rc == 0, res  # type: ignore[attr-defined]
-        assert silent.accepted >= 1 and len(records(bed)) == 1
-        write_and_find(bed, "/mnt/stall", bed.export_dir)
-        assert bed.run(["umount", "/mnt/stall"], timeout=60).rc == 0
-    finally:
-        bed.endpoint.reconfigure(routes=real)
-        silent.close()
+            assert silent.first_accepted.wait(60), "mount.nfs4 never reached the server"
+            sh(bed, f"pkill -{sig} -f '[m]ount.efs '")
+            mounting.join(60)
+        finally:
+            bed.endpoint.reconfigure(routes=real)
+    (res,) = result
+    assert res.rc == 32, res  # type: ignore[attr-defined]
+    assert res.stderr.splitlines()[-1] == (  # type: ignore[attr-defined]
+        f"mount.efs: interrupted by SIG{sig}; what the mount had made is removed")
+    assert leftovers(bed) == NOTHING_LEFT
+
+
+def test_a_leftover_mount_directory_does_not_fail_the_next_mount(bed: Bed, clean_guest: Bed) -> None:
+    """A mount killed with SIGKILL leaves its per-mount directory; the next mount on that port replaces it."""
+    name = f"{bed.fs_id}.mnt-leftover.20777"
+    sh(bed, f"mkdir -p /var/run/efs/{name} && echo stale > /var/run/efs/{name}/stunnel.conf")
+    with mount_of(bed, "/mnt/leftover", "tls,tlsport=20777"):
+        record = record_for(bed, "/mnt/leftover")
+        assert record["files_created"] == [f"/var/run/efs/{name}"]
+        assert "stale" not in sh(bed, f"cat /var/run/efs/{name}/stunnel.conf").stdout
+        write_and_find(bed, "/mnt/leftover", bed.export_dir)
 
 
 # --- many at once ------------------------------------------------------------------------------

@@ -335,6 +335,10 @@ def test_missing_binary_and_bad_netns_refused(tmp_path, ca, servers) -> None:
     not_a_ns.write_text("")
     with pytest.raises(TunnelError, match="cannot enter network namespace"):
         Tunnel.start(spec, config_path=tmp_path / "x.conf", stunnel_binary=STUNNEL, netns=str(not_a_ns))
+    fifo = tmp_path / "a-fifo"  # a record's netns path could become one: opening it must not block
+    os.mkfifo(fifo)
+    with pytest.raises(TunnelError, match="is not a network namespace"):
+        Tunnel.start(spec, config_path=tmp_path / "x.conf", stunnel_binary=STUNNEL, netns=str(fifo))
     assert not (tmp_path / "x.conf").exists()
     assert processes_running(tmp_path / "x.conf") == []
 

@@ -1,0 +1,39 @@
+"""SIGTERM, SIGINT and SIGHUP during `mount.efs`: undo what the mount made, then exit.
+
+Python's default for SIGTERM and SIGHUP ends the process on the spot: a tunnel, a port
+lock, a record and a per-mount directory would be left behind for a mount that never
+happened. While armed, these signals raise Interrupted instead, so every undo step runs
+(mount.py decides, from the kernel's mount table, whether the mount was already made).
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+from efsplug.errors import MountFailure
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_armed = False
+
+
+class Interrupted(MountFailure):
+    pass
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    if _armed:
+        raise Interrupted(f"interrupted by {signal.Signals(signum).name}; what the mount had made is removed")
+
+
+def arm() -> None:
+    global _armed
+    _armed = True
+    for sig in SIGNALS:
+        signal.signal(sig, _on_signal)
+
+
+def disarm() -> None:
+    """From now on the signals are noted and ignored: the mount is made and kept."""
+    global _armed
+    _armed = False

@@ -138,7 +138,7 @@ def remove(state_dir: Path, record: MountRecord) -> None:
 
 def load(path: Path) -> MountRecord:
     """Read one record; StateError (with the file name) for anything unusable, nothing else."""
-    raw = _read_bounded(Path(path))
+    raw = read_bounded(Path(path))
     try:
         data = parse_json(raw)
         return from_dict(data)
@@ -149,8 +149,8 @@ def load(path: Path) -> MountRecord:
         raise StateError(f"{path}: unusable record ({type(e).__name__})") from None
 
 
-def _read_bounded(path: Path) -> bytes:
-    """The file's bytes if it is a regular file of at most MAX_RECORD_BYTES.
+def read_bounded(path: Path, limit: int = MAX_RECORD_BYTES) -> bytes:
+    """The file's bytes if it is a regular file of at most limit bytes.
 
     O_NONBLOCK: a FIFO named like a record must not hang the reader; O_NOFOLLOW: a
     symlink (to /dev/zero, to a huge file) is not a record.
@@ -163,11 +163,11 @@ def _read_bounded(path: Path) -> bytes:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise StateError(f"{path}: cannot read: not a regular file", corrupt=False)
-        if info.st_size > MAX_RECORD_BYTES:
-            raise StateError(f"{path}: {info.st_size} bytes, larger than any record ({MAX_RECORD_BYTES}); corrupt")
+        if info.st_size > limit:
+            raise StateError(f"{path}: {info.st_size} bytes, larger than it can be ({limit}); corrupt")
         chunks, size = [], 0
-        while size <= MAX_RECORD_BYTES:
-            chunk = os.read(fd, MAX_RECORD_BYTES + 1 - size)
+        while size <= limit:
+            chunk = os.read(fd, limit + 1 - size)
             if not chunk:
                 break
             chunks.append(chunk)
@@ -176,8 +176,8 @@ def _read_bounded(path: Path) -> bytes:
         raise StateError(f"{path}: cannot read: {e.strerror}", corrupt=False) from None
     finally:
         os.close(fd)
-    if size > MAX_RECORD_BYTES:  # grew while being read
-        raise StateError(f"{path}: larger than any record ({MAX_RECORD_BYTES} bytes); corrupt")
+    if size > limit:  # grew while being read
+        raise StateError(f"{path}: larger than it can be ({limit} bytes); corrupt")
     return b"".join(chunks)
 
 

@@ -19,8 +19,10 @@ from efsplug.agent.protocol import VOLUME_NAME_RE, MOUNT_ID_RE
 from efsplug.agent.volumes import Volume
 from efsplug.errors import EfsplugError
 from efsplug.fsutil import atomic_write
+from efsplug.state import StateError, parse_json, read_bounded
 
 FORMAT_VERSION = 1
+MAX_STATE_BYTES = 32 * 1024 * 1024  # some 50,000 volumes; a bigger file is not ours
 DEFAULT_STATE_PATH = Path("/var/lib/ecs/data/efsplug-volumes.json")
 FILE_MODE = 0o600  # holds credentials URIs
 DIR_MODE = 0o700
@@ -57,10 +59,11 @@ def _volume_dict(volume: Volume) -> Dict[str, Any]:
 
 
 def decode(raw: bytes) -> Dict[str, Volume]:
+    """The volumes in raw; CorruptState (nothing else) for anything unusable."""
     try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise CorruptState(f"not valid JSON ({type(exc).__name__})") from None
+        data = parse_json(raw)  # bounded nesting and numbers: a hostile file cannot exhaust us
+    except StateError as exc:
+        raise CorruptState(str(exc)) from None
     if not isinstance(data, dict) or not isinstance(data.get("volumes"), dict):
         raise CorruptState("not an object with 'volumes'")
     version = data.get("version")
@@ -101,13 +104,12 @@ class Store:
 
     def load(self, now: Optional[datetime] = None) -> Loaded:
         """Volumes from the file; an unusable file is quarantined and the state starts empty."""
-        try:
-            raw = self.path.read_bytes()
-        except FileNotFoundError:
+        if not os.path.lexists(self.path):
             return Loaded({})
         try:
-            return Loaded(decode(raw))
-        except CorruptState as exc:
+            # Bounded, never blocking (a FIFO), never following a symlink: unusable, not fatal.
+            return Loaded(decode(read_bounded(self.path, MAX_STATE_BYTES)))
+        except (CorruptState, StateError) as exc:
             return Loaded({}, self._quarantine(now or datetime.now(timezone.utc)), str(exc))
 
     def _quarantine(self, when: datetime) -> Path:

@@ -17,7 +17,7 @@ from typing import Dict, Iterable, List, Optional
 
 MOUNTINFO = "/proc/self/mountinfo"
 NFS_TYPES = frozenset({"nfs", "nfs4"})
-_OCTAL = re.compile(r"\\([0-7]{3})")
+_OCTAL_BYTES = re.compile(rb"\\([0-7]{3})")
 
 
 @dataclass(frozen=True)
@@ -50,9 +50,15 @@ def unescape(field: str) -> str:
     """The kernel writes space, tab, newline and backslash in paths as \\040-style octal."""
     if "\\" not in field:
         return field
-    raw = _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field)
-    # Octal escapes stand for bytes: re-decode so non-ASCII names survive intact.
-    return raw.encode("latin-1", "surrogateescape").decode("utf-8", "surrogateescape")
+    # Octal escapes stand for bytes, and the rest of the field was decoded from UTF-8:
+    # work in bytes so "\040" next to "ü" gives " ü", not a broken character.
+    raw = _OCTAL_BYTES.sub(_byte, field.encode("utf-8", "surrogateescape"))
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _byte(m: "re.Match[bytes]") -> bytes:
+    value = int(m.group(1), 8)
+    return bytes([value]) if value < 256 else m.group(0)  # the kernel never writes more than \377
 
 
 def _port(fstype: str, options: str) -> Optional[int]:

@@ -123,7 +123,8 @@ def test_access_points_are_separate_roots(bed: Bed, clean_guest: Bed) -> None:
 @pytest.mark.parametrize("mountpoint", [
     "/var/lib/ecs/volumes/ecs-" + "long-task-family-" * 12 + "3-data-e4b1c2d3e4f5a6b7c8d9",
     "/mnt/with:colon",
-], ids=["long-ecs-volume-name", "colon"])
+    "/mnt/with spaces and ümlauts",  # control characters are refused, deliberately (test_options)
+], ids=["long-ecs-volume-name", "colon", "space-and-non-ascii"])
 def test_iam_access_point_mount_at_a_long_or_unusual_mount_point(bed: Bed, clean_guest: Bed, mountpoint: str) -> None:
     ap = bed.access_points[0]
     with mount_of(bed, mountpoint, f"tls,iam,accesspoint={ap.id}"):

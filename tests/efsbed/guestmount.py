@@ -6,11 +6,13 @@ import contextlib
 import json
 import re
 import secrets
+import shlex
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
 from efsbed.bed import Bed
 from efsbed.guest import GuestResult
+from efsplug.mounttable import unescape
 from efsplug.sigv4 import AwsCredentials
 
 STATE_DIR = "/var/run/efs"
@@ -49,7 +51,7 @@ def mount_of(bed: Bed, mountpoint: str, options: str = "", **kw: object) -> Iter
 
 def kernel_mounts(bed: Bed) -> List[str]:
     out = bed.run(["cat", "/proc/mounts"]).stdout
-    return [line.split()[1] for line in out.splitlines() if line.split()[2] in ("nfs", "nfs4")]
+    return [unescape(line.split()[1]) for line in out.splitlines() if line.split()[2] in ("nfs", "nfs4")]
 
 
 def records(bed: Bed) -> List[dict]:
@@ -64,7 +66,7 @@ def record_for(bed: Bed, mountpoint: str) -> dict:
 
 def write_and_find(bed: Bed, mountpoint: str, host_dir: Path) -> str:
     name = f"from-guest-{secrets.token_hex(4)}"
-    assert sh(bed, f"echo {name} > {mountpoint}/{name}").rc == 0
+    assert sh(bed, f"echo {name} > {shlex.quote(mountpoint)}/{name}").rc == 0
     assert (host_dir / name).read_text() == name + "\n"
     return name
 

@@ -90,3 +90,13 @@ def test_by_mountpoint_keeps_the_topmost():
 def test_read_mounts_reads_this_process_table():
     mounts = read_mounts()
     assert any(m.mountpoint == "/proc" and m.fstype == "proc" for m in mounts)
+
+
+@pytest.mark.parametrize("field, path", [
+    ("/mnt/with\\040spaces\\040and\\040ümlauts", "/mnt/with spaces and ümlauts"),  # escapes next to UTF-8
+    ("/mnt/\\303\\274ber", "/mnt/über"),  # UTF-8 bytes written as escapes
+    ("/mnt/a\\134b", "/mnt/a\\b"),
+    ("/mnt/odd\\777", "/mnt/odd\\777"),  # not a byte: left as it is
+])
+def test_unescape_works_in_bytes(field: str, path: str) -> None:
+    assert unescape(field) == path

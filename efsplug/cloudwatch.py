@@ -46,7 +46,7 @@ AGENT_LOG = "efsplug-agent.log"  # the agent's (one stream for every volume it m
 
 CONNECT_TIMEOUT = 2.0
 READ_TIMEOUT = 3.0
-FLUSH_TIMEOUT = 3.0  # how long mount.efs waits at exit for its events to be delivered
+FLUSH_TIMEOUT = 5.0  # how long mount.efs waits at exit for its events to be delivered (a loaded host imports botocore in ~1.5 s)
 IMDS_TIMEOUT = 1.0  # the instance id is only a stream name: not worth the mount's 2 s x 2
 MAX_PENDING = 1000
 IDENTITY_DOCUMENT = "latest/dynamic/instance-identity/document"

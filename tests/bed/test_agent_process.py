@@ -14,15 +14,8 @@ from efsbed.agent_harness import EFSPLUG, AgentProcess, PluginClient, start_agen
 
 
 @pytest.fixture
-def tag() -> Iterator[str]:
-    t = procs.new_tag()
-    yield t
-    for p in procs.tagged_processes(t):  # a failed test must not leave an agent behind
-        p.kill()
-
-
-@pytest.fixture
 def agent(tmp_path: Path, tag: str) -> Iterator[AgentProcess]:
+    """An agent of this test alone (conftest's module `tag` checks that none outlives the module)."""
     a = start_agent(tmp_path, tag=tag)
     try:
         yield a

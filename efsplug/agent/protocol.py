@@ -16,6 +16,7 @@ from efsplug.errors import EfsplugError, shown
 
 CONTENT_TYPE = "application/vnd.docker.plugins.v1.2+json"
 MAX_BODY = 1024 * 1024
+MAX_NUMBER_DIGITS = 40
 
 ACTIVATE = "/Plugin.Activate"
 CREATE = "/VolumeDriver.Create"
@@ -85,12 +86,22 @@ def decode(endpoint: str, body: bytes) -> Request:
 
 def _json_object(body: bytes) -> Dict[str, Any]:
     try:
-        data = json.loads(body.decode("utf-8")) if body.strip() else {}
+        data = json.loads(body.decode("utf-8"), parse_int=_bounded_int) if body.strip() else {}
     except (UnicodeDecodeError, ValueError):
         raise ProtocolError("request body is not valid JSON; send a JSON object") from None
+    except RecursionError:  # "[[[[...": json gives up at the recursion limit, not with a ValueError
+        raise ProtocolError("request body nests JSON too deeply; send a flat JSON object") from None
     if not isinstance(data, dict):
         raise ProtocolError("request body is not a JSON object; send {\"Name\": ...}")
     return data
+
+
+def _bounded_int(text: str) -> int:
+    # Docker sends no numbers. int() of a long digit string is quadratic where Python has no
+    # digit limit (3.9 before 3.9.14): a 1 MiB number held the interpreter for 4 s.
+    if len(text) > MAX_NUMBER_DIGITS:
+        raise ProtocolError(f"request body has a number over {MAX_NUMBER_DIGITS} digits; Docker sends none")
+    return int(text)
 
 
 def _name(value: object) -> str:

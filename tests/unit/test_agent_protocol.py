@@ -42,6 +42,10 @@ def test_dockerd_bodies_decode(endpoint: str, body: bytes, expected: object) -> 
         (p.GET, b'{"Name":', "not valid JSON"),
         (p.GET, b"\xff\xfe", "not valid JSON"),
         (p.GET, b"[1,2]", "not a JSON object"),
+        pytest.param(p.GET, b"[" * 100_000, "nests JSON too deeply", id="deep-array"),
+        pytest.param(p.CREATE, b'{"Name":"v","Opts":' + b'{"a":' * 100_000, "nests JSON too deeply", id="deep-opts"),
+        # int() of a million digits took 4 s, holding the interpreter, on Python 3.9.2
+        pytest.param(p.GET, b'{"Name":"v","x":' + b"9" * 1_000_000 + b"}", "over 40 digits", id="huge-number"),
         (p.GET, b"", "volume name is missing"),
         (p.GET, b'{"Name":""}', "volume name is missing"),
         (p.GET, b'{"Name":7}', "volume name is missing"),

@@ -108,17 +108,24 @@ def default() -> Kernel:
     """Debian 12's kernel where it boots, else the newer one; the reasons if neither does."""
     tried = []
     for name in NAMES:
-        try:
-            kernel = by_name(name)
-        except KernelError as exc:
-            tried.append(str(exc))
-            continue
-        failure = cached_probe(kernel)
-        if failure is None:
+        kernel, why_not = _bootable(name)
+        if kernel is not None:
             return kernel
-        tried.append(f"{kernel.name} (Linux {kernel.release}): {failure}")
+        tried.append(why_not)
     amx = " (this CPU has AMX)" if cpu_has_amx() else ""
     raise KernelError(f"no user-mode Linux kernel boots on this machine{amx}: " + "; ".join(tried))
+
+
+def _bootable(name: str) -> Tuple[Optional[Kernel], str]:
+    """(the kernel, "") if it is installed and its probe boot reaches init, else (None, why not)."""
+    try:
+        kernel = by_name(name)
+    except KernelError as exc:
+        return None, str(exc)
+    failure = cached_probe(kernel)
+    if failure is not None:
+        return None, f"{kernel.name} (Linux {kernel.release}): {failure}"
+    return kernel, ""
 
 
 def cpu_has_amx() -> bool:
@@ -238,16 +245,11 @@ def others() -> Tuple[str, ...]:
     for name in NAMES:
         if name == chosen:
             continue
-        try:
-            kernel = by_name(name)
-        except KernelError as exc:
-            print(f"efsbed: not testing {name}: {exc}", file=sys.stderr)
-            continue
-        failure = cached_probe(kernel)
-        if failure is None:
+        kernel, why_not = _bootable(name)
+        if kernel is not None:
             found.append(name)
         else:
-            print(f"efsbed: not testing {name}: it cannot boot here: {failure}", file=sys.stderr)
+            print(f"efsbed: not testing {name}: {why_not}", file=sys.stderr)
     return tuple(found)
 
 

@@ -1,32 +1,42 @@
-"""HTTP/1.1 over a unix socket: one thread per connection, bounded bodies, a log line per request.
+"""HTTP/1.1 over a unix socket: bounded connections, one thread each, and a bounded shutdown.
 
 dockerd keeps connections alive and posts small JSON bodies without a Content-Type; every
-answer is JSON, errors included, so Docker always has an `Err` to show.
+answer is JSON, errors included, so Docker always has an `Err` to show. The request
+itself is read by connection.py (deadlines) and httpwire.py (framing and sizes).
+
+What a misbehaving client can cost, at most:
+- a connection slot and a thread: at most Limits.max_connections at once. Beyond that a
+  connection that has been silent for Limits.evict_after gives way (idle keep-alives,
+  clients that connect and send nothing); if none has, the new one is closed at once,
+  before any thread exists. dockerd retries a closed connection for 30 s with back-off,
+  and every non-dispatched slot frees itself within Limits.request_timeout (10 s).
+- time: one request's head and body must arrive within Limits.request_timeout in all,
+  not per read.
+- memory: a head of 16 KiB and a body of protocol.MAX_BODY per connection.
+- shutdown: connections not running a request are cut at once; only requests already
+  with the plugin (a Mount) are waited for, by wait_idle().
 """
 
 from __future__ import annotations
 
-import http.server
-import json
 import os
 import socket
 import socketserver
 import stat
-import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, TextIO
+from typing import Callable, Optional, Set
 
-from efsplug.agent import protocol
-from efsplug.agent.plugin import Answer, Plugin
+from efsplug.agent.connection import DISPATCHED, READING, WAITING, Connection, Limits, Slot
+from efsplug.agent.plugin import Plugin
+from efsplug.agent.requestlog import RequestLog
 from efsplug.errors import EfsplugError
 
-if TYPE_CHECKING:
-    from efsplug.cloudwatch import LogSink
+__all__ = ["AgentServer", "Limits", "RequestLog", "SocketInUse", "bind_socket"]
 
 SOCKET_MODE = 0o660
-IDLE_TIMEOUT = 300.0  # an idle keep-alive connection's thread ends after this
+REFUSAL_NOTE_INTERVAL = 10.0  # at most one "connections refused" line this often
 
 
 class SocketInUse(EfsplugError):
@@ -74,162 +84,134 @@ def _answers(path: Path) -> bool:
         probe.close()
 
 
-class RequestLog:
-    """One line per request on stdout (journald): endpoint, volume, duration, outcome.
+class AgentServer(socketserver.UnixStreamServer):
+    """serve_forever() accepts; each admitted connection gets a thread (connection.py)."""
 
-    With a sink ([cloudwatch-log] enabled), the same line goes to CloudWatch Logs too.
-    """
-
-    def __init__(self, out: Optional[TextIO] = None, sink: Optional[LogSink] = None) -> None:
-        self.out = out
-        self.sink = sink
-        self._lock = threading.Lock()
-
-    def request(self, endpoint: str, answer: Answer, seconds: float) -> None:
-        # json.dumps: quotes and control characters escaped, so one request stays one line.
-        outcome = "ok" if not answer.err else f"error err={json.dumps(answer.err[:500])}"
-        volume = answer.volume or "-"
-        line = f"endpoint={endpoint.lstrip('/')} volume={volume} duration_ms={seconds * 1000:.1f} outcome={outcome}\n"
-        out = self.out or sys.stdout
-        with self._lock:
-            out.write(line)
-            out.flush()
-        if self.sink is not None:
-            self.sink.emit(line.rstrip("\n"))  # never blocks: a bounded queue
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, as dockerd's client expects
-    timeout = IDLE_TIMEOUT
-    server: "AgentServer"
-
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-        started = time.perf_counter()
-        endpoint = self.path.split("?", 1)[0]
-        answer = Answer(499, {}, err="client went away before the answer")
-        self.server.enter()
-        try:
-            body = self._body()
-            if body is None:
-                self.close_connection = True  # the unread body cannot be skipped safely
-                self._linger = True
-                text = f"request body over {protocol.MAX_BODY} bytes; Docker never sends one this large"
-                answer = Answer(413, protocol.error(text), err=text)
-            else:
-                answer = self.server.plugin.handle(endpoint, body)
-            self._send(answer)
-        finally:
-            self.server.leave()
-            self.server.log.request(endpoint, answer, time.perf_counter() - started)
-
-    _linger = False
-    LINGER_BYTES = 16 * protocol.MAX_BODY
-    LINGER_SECONDS = 2.0
-
-    def finish(self) -> None:
-        super().finish()
-        if self._linger:
-            self._drain()
-
-    def _drain(self) -> None:
-        """Close gently after refusing an unread body: closing a unix socket with unread
-        input makes the client's read fail (ECONNRESET) before it sees our answer."""
-        try:
-            self.connection.shutdown(socket.SHUT_WR)
-            deadline = time.monotonic() + self.LINGER_SECONDS
-            left = self.LINGER_BYTES
-            while left > 0 and time.monotonic() < deadline:
-                self.connection.settimeout(max(0.01, deadline - time.monotonic()))
-                chunk = self.connection.recv(65536)
-                if not chunk:
-                    break
-                left -= len(chunk)
-        except OSError:
-            pass  # the client went away: nothing left to be gentle about
-
-    def _not_post(self) -> None:
-        text = f"method {self.command} is not supported; the plugin protocol uses POST"
-        self.close_connection = True
-        self._send(Answer(405, protocol.error(text), err=text))
-
-    do_GET = do_PUT = do_DELETE = do_HEAD = _not_post  # noqa: N815
-
-    def _body(self) -> Optional[bytes]:
-        """The request body, or None if it exceeds the limit."""
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            return self._chunked()
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            return None
-        if length < 0 or length > protocol.MAX_BODY:
-            return None
-        return self.rfile.read(length)
-
-    def _chunked(self) -> Optional[bytes]:
-        parts = []
-        total = 0
-        while True:
-            size_line = self.rfile.readline(1024)
-            try:
-                size = int(size_line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                return None
-            if size == 0:
-                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
-                    pass  # trailers
-                return b"".join(parts)
-            total += size
-            if total > protocol.MAX_BODY:
-                return None
-            parts.append(self.rfile.read(size))
-            self.rfile.readline(1024)  # CRLF after the chunk
-
-    def _send(self, answer: Answer) -> None:
-        data = protocol.encode(answer.body)
-        self.send_response(answer.status)
-        self.send_header("Content-Type", protocol.CONTENT_TYPE)
-        self.send_header("Content-Length", str(len(data)))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass  # RequestLog writes the one line per request; http.server's own would leak paths
-
-    def address_string(self) -> str:
-        return "unix"  # client_address is '' for unix sockets
-
-
-class AgentServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True  # idle keep-alive connections must not block exit
-    block_on_close = False
-
-    def __init__(self, sock: socket.socket, plugin: Plugin, log: Optional[RequestLog] = None) -> None:
-        super().__init__(sock.getsockname(), _Handler, bind_and_activate=False)
+    def __init__(self, sock: socket.socket, plugin: Plugin, log: Optional[RequestLog] = None,
+                 limits: Limits = Limits(), clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(sock.getsockname(), socketserver.BaseRequestHandler, bind_and_activate=False)
         self.socket.close()
         self.socket = sock
         self.socket_path = Path(sock.getsockname())
         self._socket_inode = os.stat(self.socket_path).st_ino
         self.plugin = plugin
         self.log = log or RequestLog()
-        self._busy = 0
-        self._idle = threading.Condition()
+        self.limits = limits
+        self._clock = clock
+        self._lock = threading.Condition()
+        self._slots: Set[Slot] = set()  # admitted and not yet closed (cut ones included)
+        self._dispatched = 0
+        self._stopping = False
+        self._refused = 0
+        self._next_refusal_note = 0.0
 
-    def enter(self) -> None:
-        with self._idle:
-            self._busy += 1
+    # ---- admission: in the accept thread, never blocks ------------------------------
 
-    def leave(self) -> None:
-        with self._idle:
-            self._busy -= 1
-            self._idle.notify_all()
+    def process_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
+        now = self._clock()
+        note = None
+        with self._lock:
+            admitted = not self._stopping and self._make_room(now)
+            if admitted:
+                slot = Slot(request, now)
+                self._slots.add(slot)
+            else:
+                note = self._refusal(now)
+        if note:
+            self.log.note(note)
+        if not admitted:
+            request.close()  # before any thread: a flood of connections costs no threads
+            return
+        try:
+            threading.Thread(target=self._serve, args=(slot,), name="efsplug-agent-conn", daemon=True).start()
+        except RuntimeError:  # no thread to be had: this one connection is closed
+            self._forget(slot)
+            self.log.note("efsplug agent: could not start a thread for a connection; closed it")
+
+    def _make_room(self, now: float) -> bool:
+        """Whether a connection may be admitted, evicting the longest-silent one at the cap."""
+        live = [s for s in self._slots if not s.cut]
+        if len(live) < self.limits.max_connections:
+            return True
+        silent = [s for s in live if s.state == WAITING and now - s.since >= self.limits.evict_after]
+        if not silent:
+            return False
+        self._cut(min(silent, key=lambda s: s.since))  # an idle keep-alive may always be closed (RFC 9112 9.8)
+        return True
+
+    def _refusal(self, now: float) -> Optional[str]:
+        self._refused += 1
+        if now < self._next_refusal_note:
+            return None
+        self._next_refusal_note = now + REFUSAL_NOTE_INTERVAL
+        count, self._refused = self._refused, 0
+        state = "stopping" if self._stopping else f"{self.limits.max_connections} connections busy"
+        return f"efsplug agent: refused {count} connection(s) ({state}); closed at once, dockerd retries"
+
+    # ---- the connection's thread --------------------------------------------------
+
+    def _serve(self, slot: Slot) -> None:
+        try:
+            Connection(slot, self, self.plugin.handle, self.log, self.limits, self._clock).serve()
+        finally:
+            self._forget(slot)
+
+    def _forget(self, slot: Slot) -> None:
+        with self._lock:
+            self._slots.discard(slot)
+            slot.sock.close()  # under the lock: _cut() never touches a closed (reused) descriptor
+            self._lock.notify_all()
+
+    def to_reading(self, slot: Slot) -> bool:
+        return self._move(slot, READING)
+
+    def to_dispatched(self, slot: Slot) -> bool:
+        return self._move(slot, DISPATCHED)
+
+    def to_waiting(self, slot: Slot) -> bool:
+        return self._move(slot, WAITING)
+
+    def _move(self, slot: Slot, state: str) -> bool:
+        with self._lock:
+            if slot.state == DISPATCHED:
+                self._dispatched -= 1
+                self._lock.notify_all()
+            go = not (slot.cut or self._stopping)
+            slot.state, slot.since = (state if go else WAITING), self._clock()
+            if slot.state == DISPATCHED:
+                self._dispatched += 1
+            return go
+
+    @staticmethod
+    def _cut(slot: Slot) -> None:
+        """Wake the slot's thread out of any recv or send: it sees end of input and closes."""
+        slot.cut = True
+        try:
+            slot.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # the client already went
+
+    # ---- stopping ---------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Stop accepting, then cut every connection that is not running a request.
+
+        A client that promised a body and never sends it must not hold up the stop; a
+        request the plugin already runs is left to finish (wait_idle)."""
+        super().shutdown()
+        with self._lock:
+            self._stopping = True
+            for slot in self._slots:
+                if slot.state != DISPATCHED:
+                    self._cut(slot)
+            self._lock.notify_all()
 
     def wait_idle(self, timeout: float) -> bool:
-        """Wait for requests in progress (a mount must finish or undo itself, not be cut off)."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self._busy == 0, timeout)
+        """Wait for requests in progress (a mount must finish or undo itself, not be cut
+        off); once stopping, also for every connection's thread to close its socket."""
+        with self._lock:
+            return self._lock.wait_for(
+                lambda: self._dispatched == 0 and not (self._stopping and self._slots), timeout)
 
     def remove_socket(self) -> None:
         """Unlink the socket file if it is still ours (a newer agent's stays)."""

@@ -6,8 +6,10 @@ process with a scripted mounter for Mount/Unmount and the concurrency rules.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import select
 import signal
 import socket
 import stat
@@ -15,7 +17,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, List
+from typing import Iterator, List, Tuple
 
 import pytest
 
@@ -300,3 +302,271 @@ def test_reads_and_other_volumes_never_wait_for_a_mount_in_flight(tmp_path: Path
     assert answers["slow"]["Err"] == "" and answers["unmount"] == {"Err": ""}
     assert [kind for kind, p in mounter.calls if p.endswith("slow")] == ["mount", "unmount"]
     assert plugin.volumes["slow"].mounted is False and plugin.volumes["other"].mounted is True
+
+
+# ---- bounds: body framing, time, connections, shutdown, logging (issue 11) -----------------
+
+CHUNKED_HEAD = b"POST /VolumeDriver.Get HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+MiB = 1024 * 1024
+
+
+def proc_status(pid: int) -> Tuple[int, int]:
+    """(threads, RSS in KiB) of pid, from /proc."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return int(fields["Threads"]), int(fields["VmRSS"].split()[0])
+
+
+def read_to_eof(s: socket.socket, timeout: float) -> bytes:
+    """Everything until the agent closes; pytest.fail if it has not within timeout."""
+    deadline = time.monotonic() + timeout
+    chunks = []
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            pytest.fail(f"the agent kept the connection open for {timeout} s; got {b''.join(chunks)[:200]!r}")
+        s.settimeout(left)
+        try:
+            chunk = s.recv(65536)
+        except socket.timeout:
+            continue
+        except ConnectionResetError:
+            return b"".join(chunks)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def split_reply(reply: bytes) -> Tuple[int, dict]:
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 "), reply[:200]
+    return int(head.split(b" ")[1]), json.loads(body)
+
+
+def test_a_chunk_size_that_is_not_plain_hex_is_a_400_and_nothing_more_is_read(agent: AgentProcess) -> None:
+    """int(size, 16) took '-100000' (and '+a', '0x1f', '1_0', ' 5'): a negative size passed the
+    body limit and read(-n) read until EOF, hundreds of MiB into the agent's memory."""
+    _, rss0 = proc_status(agent.proc.pid)
+    for size in (b"-100000", b"0x10", b"+10", b" 10", b"1_0", b"fffffffff"):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(agent.socket_path))
+            s.sendall(CHUNKED_HEAD + size + b"\r\n")
+            sent = [0]
+
+            def stream() -> None:  # what a client with a huge "negative" chunk would go on sending
+                try:
+                    while sent[0] < 64 * MiB:
+                        s.sendall(b"x" * 65536)
+                        sent[0] += 65536
+                except OSError:
+                    pass  # the agent closed: what we wanted
+
+            streamer = threading.Thread(target=stream, daemon=True)
+            streamer.start()
+            status, body = split_reply(read_to_eof(s, 15))
+            streamer.join(15)
+        print(f"chunk size {size!r}: {status} after the client sent {sent[0] // 1024} KiB")
+        assert (status, body["Err"]) == (400, f"chunk size '{size.decode()}' is not 1 to 8 hex digits")
+        assert sent[0] < 20 * MiB  # the agent drains at most 16 MiB for 2 s before it closes
+    _, rss = proc_status(agent.proc.pid)
+    print(f"agent RSS {rss0} KiB before, {rss} KiB after")
+    assert rss < rss0 + 50 * 1024
+    with socket.socket(socket.AF_UNIX) as s:  # chunks add up to the Content-Length limit
+        s.connect(str(agent.socket_path))
+        s.sendall(CHUNKED_HEAD + b"80000\r\n" + b" " * 0x80000 + b"\r\n80001\r\n")
+        status, body = split_reply(read_to_eof(s, 15))
+    assert status == 413 and body["Err"].startswith(f"request body over {MAX_BODY} bytes")
+    with PluginClient(agent.socket_path) as c:
+        assert c.call("VolumeDriver.List", {}).status == 200
+
+
+def test_a_silent_or_trickling_client_is_cut_at_the_request_deadline(agent: AgentProcess) -> None:
+    """10 s for head and body in all, not per read: a client that sends nothing, or a byte
+    every quarter second, pinned a thread for as long as it liked (300 s a read)."""
+    silent = socket.socket(socket.AF_UNIX)
+    trickler = socket.socket(socket.AF_UNIX)
+    stop = threading.Event()
+
+    def trickle() -> None:
+        try:
+            for byte in b"POST /VolumeDriver.List HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n{}\n":
+                trickler.sendall(bytes([byte]))
+                if stop.wait(0.25):  # the client's pace, not the agent's
+                    return
+        except OSError:
+            pass
+
+    try:
+        started = time.monotonic()
+        silent.connect(str(agent.socket_path))
+        trickler.connect(str(agent.socket_path))
+        pacer = threading.Thread(target=trickle, daemon=True)
+        pacer.start()
+        with PluginClient(agent.socket_path) as c:  # others are served meanwhile
+            assert c.call("VolumeDriver.List", {}).status == 200
+        assert read_to_eof(silent, 20) == b""  # no request, no answer
+        silent_s = time.monotonic() - started
+        status, body = split_reply(read_to_eof(trickler, 20))
+        trickle_s = time.monotonic() - started
+    finally:
+        stop.set()
+        silent.close()
+        trickler.close()
+    print(f"silent client cut after {silent_s:.2f} s, trickling client after {trickle_s:.2f} s ({status})")
+    assert 9.5 < silent_s < 12.5 and 9.5 < trickle_s < 12.5
+    assert (status, body["Err"]) == (408, "request not complete within 10 s; send it at once")
+    assert 'outcome=error err="request not complete within 10 s' in agent.log()
+
+
+def call_like_dockerd(socket_path: Path, endpoint: str, within: float = 30.0) -> Tuple[dict, int]:
+    """dockerd's plugin client: a connection error is retried with back-off for up to 30 s.
+    Returns the answer and the number of attempts."""
+    deadline = time.monotonic() + within
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            with PluginClient(socket_path, timeout=10) as c:
+                return c.call(endpoint, {}).body, attempts
+        except (OSError, http.client.HTTPException):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(min(0.05 * 2 ** attempts, 1.0))  # the client's back-off
+
+
+def test_500_silent_clients_hold_at_most_64_threads_and_a_request_still_gets_in(agent: AgentProcess) -> None:
+    """Every connection had its own thread, for as long as it stayed silent (300 s a read).
+    Now: at most 64 connections are served; more are closed at once, without a thread; at
+    the cap a connection silent for 1 s gives way to a new one, so a well-formed request
+    is answered while the silent ones still hold their slots; each is cut 10 s after it
+    connected, and the threads go back to the baseline."""
+    pid = agent.proc.pid
+    threads0, _ = proc_status(pid)
+    clients: List[socket.socket] = []
+    peak = threads0
+
+    def open_clients() -> List[socket.socket]:
+        ready = select.select(clients, [], [], 0)[0]
+        return [s for s in clients if s not in ready or s.recv(1, socket.MSG_PEEK) != b""]
+
+    try:
+        started = time.monotonic()
+        for i in range(500):
+            s = socket.socket(socket.AF_UNIX)
+            clients.append(s)
+            s.connect(str(agent.socket_path))  # blocking: waits while the listen backlog is full
+            if i % 25 == 0:
+                peak = max(peak, proc_status(pid)[0])
+        procs.wait_until(lambda: len(open_clients()) <= 64, 10, "the agent to close connections over its cap")
+        peak = max(peak, proc_status(pid)[0])
+        held = len(open_clients())
+        print(f"500 silent clients connected in {time.monotonic() - started:.2f} s: {held} held, "
+              f"{500 - held} closed at once; agent threads {threads0} before, peak {peak}")
+        assert held == 64 and peak <= threads0 + 64 + 2  # + a cut connection's thread on its way out
+        asked = time.monotonic()
+        answer, attempts = call_like_dockerd(agent.socket_path, "Plugin.Activate")
+        answered_s = time.monotonic() - asked
+        print(f"Plugin.Activate answered {answered_s:.2f} s after it was asked ({attempts} attempt(s)), "
+              f"{asked - started:.2f} s after the silent clients began to connect")
+        assert answer == {"Implements": ["VolumeDriver"]}
+        assert asked - started + answered_s < 9  # before any silent client's 10 s were up
+        procs.wait_until(lambda: not open_clients(), 20, "the silent clients to be cut")
+        cut_s = time.monotonic() - started
+        procs.wait_until(lambda: proc_status(pid)[0] <= threads0, 10, "the agent's threads to end")
+        print(f"all silent clients cut {cut_s:.2f} s after the first connected; threads back to {proc_status(pid)[0]}")
+    finally:
+        for s in clients:
+            s.close()
+    assert "connection(s) (64 connections busy); closed at once, dockerd retries" in agent.log()
+
+
+def test_sigterm_does_not_wait_for_a_client_that_never_sends_its_body(agent: AgentProcess) -> None:
+    """Its request counted as running, so shutdown waited 150 s for it: past systemd's
+    stop timeout (90 s), which then SIGKILLed the agent."""
+    promised = socket.socket(socket.AF_UNIX)
+    idle = PluginClient(agent.socket_path)
+    silent = socket.socket(socket.AF_UNIX)
+    try:
+        promised.connect(str(agent.socket_path))
+        promised.sendall(b"POST /VolumeDriver.Create HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"Name\":")
+        assert idle.call("VolumeDriver.List", {}).status == 200  # then kept alive, idle
+        silent.connect(str(agent.socket_path))
+        with PluginClient(agent.socket_path) as c:  # the partial request has reached the agent
+            assert c.call("VolumeDriver.List", {}).status == 200
+        started = time.monotonic()
+        os.kill(agent.proc.pid, signal.SIGTERM)
+        assert agent.proc.popen.wait(10) == 0
+        stopped_s = time.monotonic() - started
+        assert read_to_eof(promised, 5) == b""  # closed unanswered: never dispatched
+    finally:
+        promised.close()
+        idle.close()
+        silent.close()
+    print(f"agent stopped {stopped_s:.2f} s after SIGTERM")
+    assert stopped_s < 3.0 and "stopped; mounts left in place" in agent.log()
+
+
+def test_shutdown_cuts_readers_at_once_and_drains_a_mount_in_flight(tmp_path: Path) -> None:
+    gate = threading.Event()
+    mounter = FakeMounter(gate=gate)
+    plugin = plugin_with(tmp_path, mounter)
+    sock = tmp_path / "p.sock"
+    answers: dict = {}
+
+    def mount() -> None:
+        with PluginClient(sock, timeout=60) as c:
+            answers["mount"] = c.call("VolumeDriver.Mount", {"Name": "v1", "ID": A}).body
+
+    with serve_in_process(plugin, sock) as server:
+        with PluginClient(sock) as c:
+            c.call("VolumeDriver.Create", {"Name": "v1", "Opts": ECS_OPTS})
+        mounting = threading.Thread(target=mount)
+        mounting.start()
+        reader = socket.socket(socket.AF_UNIX)
+        try:
+            assert mounter.entered.acquire(timeout=10)
+            reader.connect(str(sock))
+            reader.sendall(b"POST /VolumeDriver.Remove HTTP/1.1\r\nContent-Length: 50\r\n\r\n{")
+            with PluginClient(sock) as c:  # the partial request has reached the server
+                assert c.call("VolumeDriver.List", {}).status == 200
+            started = time.monotonic()
+            server.shutdown()
+            assert read_to_eof(reader, 5) == b""
+            cut_s = time.monotonic() - started
+            assert server.wait_idle(0.5) is False  # the mount still runs: it is waited for
+            gate.set()
+            assert server.wait_idle(10) is True
+        finally:
+            gate.set()
+            reader.close()
+            mounting.join(30)
+    print(f"reader cut {cut_s:.2f} s after shutdown; the mount in flight was answered {answers['mount']}")
+    assert cut_s < 2.0
+    assert answers["mount"] == {"Mountpoint": str(tmp_path / "volumes" / "v1"), "Err": ""}
+    assert plugin.volumes["v1"].mounted is True and "v1" in plugin.volumes  # Remove was never run
+
+
+def test_control_characters_and_huge_paths_are_logged_escaped_and_bounded(agent: AgentProcess) -> None:
+    requests = [
+        b"/VolumeDriver.\x1b[31mEvil\x07" + b"A" * 60_000,  # under http.server's 64 KiB line limit: logged whole
+        b"/VolumeDriver.\x1b]0;pwned\x07\x00\x7f\x85",
+        b"/VolumeDriver." + b"B" * 1000,
+    ]
+    for target in requests:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(agent.socket_path))
+            s.sendall(b"POST " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 3\r\n\r\n{}\n")
+            status, body = split_reply(read_to_eof(s, 15))
+        print(f"{target[:30]!r}... ({len(target)} bytes): {status} {body['Err'][:60]}")
+        assert status in (400, 404, 414) and "\x1b" not in body["Err"]
+    with PluginClient(agent.socket_path) as c:
+        assert c.call("VolumeDriver.List", {}).status == 200
+    log = agent.log()
+    lines = [line for line in log.splitlines() if "VolumeDriver.\\x1b" in line or "VolumeDriver.BBB" in line]
+    for line in lines:
+        print(line)
+    assert len(lines) == 3
+    assert all(line.isprintable() and len(line) < 500 for line in log.splitlines())
+    assert lines[0].startswith("endpoint=VolumeDriver.\\x1b[31mEvil\\x07AAAA") and "AAA... volume=-" in lines[0]
+    assert lines[1].startswith("endpoint=VolumeDriver.\\x1b]0;pwned\\x07\\x00\\x7f\\x85 volume=-")
+    assert lines[2].startswith("endpoint=VolumeDriver." + "B" * (200 - 3 - len("VolumeDriver.")) + "... volume=-")
+

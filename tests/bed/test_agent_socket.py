@@ -17,15 +17,16 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from efsbed import procs
 from efsbed.agent_harness import (
     EFSPLUG, AgentProcess, FakeMounter, PluginClient, plugin_with, serve_in_process, start_agent,
 )
-from efsplug.agent.protocol import CONTENT_TYPE, MAX_BODY
+from efsplug.agent.protocol import CONTENT_TYPE, ENDPOINTS, MAX_BODY
 
 FS, AP = "fs-0123456789abcdef0", "fsap-0123456789abcdef0"
 CREDS = "/v2/credentials/7d1c5e0f-secret-path"
@@ -570,3 +571,124 @@ def test_control_characters_and_huge_paths_are_logged_escaped_and_bounded(agent:
     assert lines[1].startswith("endpoint=VolumeDriver.\\x1b]0;pwned\\x07\\x00\\x7f\\x85 volume=-")
     assert lines[2].startswith("endpoint=VolumeDriver." + "B" * (200 - 3 - len("VolumeDriver.")) + "... volume=-")
 
+
+# ---- malformed input, generated: the agent never dies, stays bounded, serves on --------------
+
+_ENDPOINTS = list(ENDPOINTS)
+_LATIN1 = st.characters(max_codepoint=0xFF)
+_paths = st.one_of(  # one_of picks a branch evenly: the endpoints' branch is listed thrice
+    *[st.sampled_from(_ENDPOINTS + ["/VolumeDriver.Nope", "/", "*", "", "http://plugin/Plugin.Activate", "/Plugin.Activate?x=1"])] * 3,
+    st.text(_LATIN1, max_size=300).map(lambda t: "/" + t),
+    st.builds(lambda n, c: "/VolumeDriver." + c * n, st.integers(1, 70_000), st.sampled_from(["A", "\x1b", "\x00", "%", "\x85"])),
+)
+_header_values = st.one_of(
+    st.sampled_from(["0", "3", "5", "-1", "+3", "0x10", " 3", "1048577", "9" * 30, "chunked", "gzip, chunked", "chunked, chunked",
+                     "close", "keep-alive", "100-continue", "5, 6", "3, 3", ""]),
+    st.text(_LATIN1, max_size=60),
+    st.integers(1, 70_000).map(lambda n: "v" * n),
+)
+_headers = st.lists(st.tuples(
+    st.sampled_from(["Host", "Content-Length", "Transfer-Encoding", "Connection", "Expect", "Accept", "X-Junk",
+                     "content-length", "Host", "Accept", "X-Junk"] * 3 + ["Bad Name", "", ":", " folded"]),
+    _header_values), max_size=80)
+_bodies = st.one_of(
+    st.sampled_from([b"", b"{}", b"{}\n", b'{"Name":', b"[]", b"null", b"42", b'"x"', b'{"Name":5}', b'{"Name":"v1"}\n',
+                     b'{"Name":"' + b"x" * 300 + b'"}', b'{"Name":"v","Opts":[1]}', b'{"Name":"v","ID":{}}', b"\xff\xfe",
+                     b'{"Name":"v","Opts":{"type":"efs","device":"fs-12345678","o":"iam,awscredsuri=/v2/credentials/s3cr3t"}}',
+                     b'{"Name":"v","ID":"' + b"a" * 64 + b'"}', b"[" * 50_000, b'{"Name":"v","x":' + b"9" * 100_000 + b"}"]),
+    st.binary(max_size=2000),
+)
+_chunk_sizes = st.sampled_from(["%x", "%X", "-%x", "+%x", "0x%x", " %x", "%x ", "%09x", "%x;ext=1", "%x\x00", "%x_0", "ffffffffff%x"])
+
+
+_json_values = st.recursive(
+    # No valid Create can come of these (no type, device or option values): a Mount here would be real.
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=40) | st.just("v1"),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(
+        st.sampled_from(["Name", "Opts", "ID", "type", "device", "o"]) | st.text(max_size=10), inner, max_size=5),
+    max_leaves=20)
+
+
+@st.composite
+def malformed_streams(draw: st.DrawFn) -> bytes:
+    kind = draw(st.integers(0, 9))
+    if kind == 0:
+        return draw(st.binary(max_size=4096))  # plain garbage
+    if kind <= 4:  # well framed, to a real endpoint: the body is what is wrong
+        body = draw(st.one_of(_bodies, _json_values.map(lambda v: json.dumps(v).encode()),
+                              st.dictionaries(st.sampled_from(["Name", "Opts", "ID"]), _json_values, min_size=1)
+                              .map(lambda v: json.dumps(v).encode())))
+        return (f"POST {draw(st.sampled_from(_ENDPOINTS))} HTTP/1.1\r\nHost: plugin\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    # Weighted towards requests that frame well enough to reach the plugin's decoding.
+    method = draw(st.sampled_from(["POST"] * 10 + ["GET", "PUT", "DELETE", "HEAD", "BREW", "post", "", "PO ST", "POST\x00"]))
+    version = draw(st.sampled_from(["HTTP/1.1"] * 10 + ["HTTP/1.0", "HTTP/2.0", "HTTP/1.1 x", "", "HTTP/x", "http/1.1"]))
+    headers = draw(_headers) if draw(st.booleans()) else [("Host", "plugin")]
+    body = draw(_bodies)
+    framing = draw(st.sampled_from(["length"] * 3 + ["chunked"] * 2 + ["none"]))  # none: the body reads as the next request
+    if framing == "length":
+        headers.append(("Content-Length", str(len(body))))
+    elif framing == "chunked":
+        headers.append(("Transfer-Encoding", "chunked"))
+        pieces, rest = [], body
+        while rest:
+            n = draw(st.integers(1, max(1, len(rest))))
+            pieces.append((draw(_chunk_sizes) % n).encode("latin-1") + b"\r\n" + rest[:n] + b"\r\n")
+            rest = rest[n:]
+        body = b"".join(pieces) + (b"0\r\n\r\n" if draw(st.booleans()) else b"")
+    head = f"{method} {draw(_paths)} {version}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
+    data = head.encode("latin-1") + body
+    if draw(st.integers(0, 3)) == 0:
+        data = data[: draw(st.integers(0, len(data)))]  # truncated anywhere
+    if draw(st.integers(0, 3)) == 0:  # pipelined: a good request right behind the bad one
+        data += b"POST /VolumeDriver.List HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n{}\n"
+    return data
+
+
+def test_generated_malformed_requests_never_kill_grow_or_wedge_the_agent(agent: AgentProcess) -> None:
+    pid = agent.proc.pid
+    with PluginClient(agent.socket_path) as c:  # warm up: imports and caches before the baseline
+        c.call("VolumeDriver.List", {})
+    threads0, rss0 = proc_status(pid)
+    seen: Dict[str, int] = {}
+    worst = {"rss": rss0, "threads": threads0, "examples": 0}
+
+    @settings(max_examples=100, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])
+    @given(malformed_streams(), st.booleans())
+    def exchange(data: bytes, read_answer: bool) -> None:
+        worst["examples"] += 1
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(agent.socket_path))
+
+            def send() -> None:  # from a thread: the agent may stop reading part way
+                try:
+                    s.sendall(data)
+                    s.shutdown(socket.SHUT_WR)  # end of input: the agent need not wait for the rest
+                except OSError:
+                    pass
+
+            sender = threading.Thread(target=send, daemon=True)
+            sender.start()
+            reply = read_to_eof(s, 20) if read_answer else b""
+            sender.join(20)
+        status = reply[9:12].decode("latin-1") if reply else "closed"
+        seen[status] = seen.get(status, 0) + 1
+        assert reply == b"" or reply.startswith(b"HTTP/1.1 "), reply[:200]
+        assert agent.proc.alive(), agent.proc.log_tail()
+        with PluginClient(agent.socket_path, timeout=10) as c:
+            r = c.post_raw("/Plugin.Activate", b"")
+            assert (r.status, r.body) == (200, {"Implements": ["VolumeDriver"]})
+            assert c.call("VolumeDriver.List", {}).body == {"Volumes": [], "Err": ""}
+        procs.wait_until(lambda: proc_status(pid)[0] <= threads0, 10, "the agent's connection threads to end")
+        threads, rss = proc_status(pid)
+        worst["rss"], worst["threads"] = max(worst["rss"], rss), max(worst["threads"], threads)
+        assert rss < rss0 + 50 * 1024
+
+    started = time.monotonic()
+    exchange()
+    print(f"{worst['examples']} generated streams in {time.monotonic() - started:.1f} s; answers {dict(sorted(seen.items()))}; "
+          f"agent RSS {rss0} KiB at start, at most {worst['rss']} KiB; threads {threads0}, at most {worst['threads']} after an example")
+    log = agent.log()
+    assert all(line.isprintable() and len(line) < 1000 for line in log.splitlines())
+    assert "s3cr3t" not in log and "connection failed" not in log and "Traceback" not in log

@@ -106,8 +106,11 @@ class Plugin:
             return Answer(200, self._dispatch(endpoint, request), volume=name)
         except EfsplugError as exc:
             return Answer(200, self._error_body(endpoint, str(exc)), volume=name, err=str(exc))
-        except Exception as exc:  # a bug: Docker gets one line, the journal the traceback
-            traceback.print_exc(file=sys.stderr)
+        except Exception as exc:  # a bug: Docker gets one line, the journal where it happened
+            # Frames only: the exception's message may quote the request (a credentials URI).
+            frames = "".join(traceback.format_tb(exc.__traceback__))
+            print(f"internal error ({type(exc).__name__}) handling {endpoint[:100]!r}:\n{frames}", file=sys.stderr,
+                  flush=True)
             text = f"internal error ({type(exc).__name__}) in the efsplug agent; see its log"
             return Answer(500, protocol.error(text), volume=name, err=text)
 

@@ -120,6 +120,52 @@ def test_remove_unmounts_a_mounted_volume_first(plugin: Plugin, mounter: FakeMou
     assert call(plugin, p.REMOVE, {"Name": "v1"}) == {"Err": ""}  # a retried Remove succeeds
 
 
+def test_remove_takes_the_mountpoint_away_before_forgetting_the_volume(plugin: Plugin) -> None:
+    """Forgotten first, a crash in between left the directory for ever: the retried Remove
+    finds no volume. Now a failed state write keeps the volume, and the retry finishes."""
+    call(plugin, p.MOUNT, {"Name": "v1", "ID": A})
+    call(plugin, p.UNMOUNT, {"Name": "v1", "ID": A})
+    good = plugin.store
+    plugin.store = Store(plugin.store.path.parent / "not-a-dir-file" / "x.json")
+    plugin.store.path.parent.write_text("")
+    assert call(plugin, p.REMOVE, {"Name": "v1"})["Err"].startswith("cannot write the agent state")
+    assert not (plugin.volumes_root / "v1").exists() and "v1" in plugin.volumes
+    plugin.store = good
+    assert call(plugin, p.REMOVE, {"Name": "v1"}) == {"Err": ""}
+    assert on_disk(plugin) == {}
+
+
+@dataclass
+class LeftoverMounter(FakeMounter):
+    """An efs-like mounter: it owns files besides the kernel mount."""
+
+    released: List[str] = field(default_factory=list)
+    fail: bool = False
+
+    def release_leftovers(self, mountpoint: str) -> List[str]:
+        if self.fail:
+            raise OSError("disk on fire")
+        self.released.append(mountpoint)
+        return [f"record of {Path(mountpoint).name}"]
+
+
+def test_release_leftovers_at_start_is_for_unmounted_volumes_only(tmp_path: Path) -> None:
+    mounter = LeftoverMounter()
+    plugin = plugin_with(tmp_path, mounter)
+    for name in ("up", "down"):
+        call(plugin, p.CREATE, {"Name": name, "Opts": OPTS})
+    call(plugin, p.MOUNT, {"Name": "up", "ID": A})
+    assert plugin.release_leftovers() == ["volume down: released what an interrupted request left: record of down"]
+    assert mounter.released == [str(plugin.volumes_root / "down")] and mounter.count("unmount") == 0
+    mounter.fail = True
+    assert plugin.release_leftovers() == [
+        "volume down: could not release what an interrupted request left: disk on fire"]
+
+
+def test_release_leftovers_skips_a_mounter_that_owns_nothing_but_the_mount(plugin: Plugin) -> None:
+    assert plugin.release_leftovers() == []  # FakeMounter, like HelperMounter: no such method
+
+
 def test_path_list_capabilities_activate(plugin: Plugin) -> None:
     mp = str(plugin.volumes_root / "v1")
     assert call(plugin, p.PATH, {"Name": "v1"}) == {"Mountpoint": mp, "Err": ""}
@@ -243,3 +289,20 @@ def test_the_same_name_with_another_type_is_another_definition(typed: Plugin) ->
     assert call(typed, p.CREATE, {"Name": "n1", "Opts": NFS_OPTS}) == {"Err": ""}  # ECS retries
     assert call(typed, p.CREATE, {"Name": "n1", "Opts": dict(NFS_OPTS, type="nfs")})["Err"] == (
         "volume 'n1' already exists with different options; remove it or choose another name")
+
+
+class BuggyMounter(FakeMounter):
+    def mount(self, request) -> None:  # type: ignore[override]
+        raise RuntimeError(f"bug while mounting with {request}")  # the message quotes the request
+
+
+def test_an_internal_error_logs_where_it_happened_but_not_its_message(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    plugin = plugin_with(tmp_path, BuggyMounter())
+    opts = {"device": "fs-12345678", "o": "tls,iam,awscredsuri=/v2/credentials/s3cr3t-id"}
+    assert call(plugin, "/VolumeDriver.Create", {"Name": "v", "Opts": opts})["Err"] == ""
+    answer = plugin.handle("/VolumeDriver.Mount", json.dumps({"Name": "v", "ID": "a" * 64}).encode())
+    assert answer.status == 500 and "RuntimeError" in answer.err and "s3cr3t" not in answer.err
+    logged = capsys.readouterr().err
+    assert "internal error (RuntimeError)" in logged and ", in mount" in logged  # where, from the frames
+    assert "s3cr3t" not in logged

@@ -29,10 +29,10 @@ REGION, AZ, AZ_ID = "eu-west-1", "eu-west-1b", "euw1-az2"
 class V1OnlyImds(ImdsService):
     """An IMDS that does not hand out v2 tokens (an old service, or a proxy eating PUTs)."""
 
-    def respond(self, method: str, path: str, headers: Dict[str, str]) -> Reply:
+    def respond(self, method: str, path: str, headers: Dict[str, str], body: bytes = b"") -> Reply:
         if path == TOKEN_PATH:
             return _text(403, "Forbidden")
-        return super().respond(method, path, headers)
+        return super().respond(method, path, headers, body)
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +145,8 @@ def test_container_credentials_before_instance_role(imds: ImdsService, tasks: Ta
     found, source = find_credentials(environ=env_for(imds, home, AWS_CONTAINER_CREDENTIALS_FULL_URI=uri))
     assert (source.kind, found.access_key_id, found.session_token) == ("container", granted.access_key_id,
                                                                        granted.session_token)
-    assert fetch_credentials(CredentialSource.parse(str(source))).access_key_id == granted.access_key_id
+    assert fetch_credentials(CredentialSource.parse(source.persisted)).access_key_id == granted.access_key_id
+    assert uri not in str(source)  # shown, the URI is a tag
 
 
 @pytest.mark.parametrize("in_config", [False, True], ids=["credentials-file", "config-file"])
@@ -245,10 +246,10 @@ def test_container_token_file_is_sent(creds: BedCredentials, home: Path) -> None
     """The full-URI form authenticates with the token from AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE."""
 
     class Guarded(TaskCredentials):
-        def respond(self, method: str, path: str, headers: Dict[str, str]) -> Reply:
+        def respond(self, method: str, path: str, headers: Dict[str, str], body: bytes = b"") -> Reply:
             if headers.get("authorization") != "Bearer efsbed":
                 return 401, "application/json", "{}"
-            return super().respond(method, path, headers)
+            return super().respond(method, path, headers, body)
 
     token = home / "auth-token"
     token.write_text("Bearer efsbed\n")
@@ -265,7 +266,7 @@ def test_broken_answers_do_not_leak(creds: BedCredentials, home: Path) -> None:
     leaked = creds.issue("leaky")
 
     class Leaky(TaskCredentials):
-        def respond(self, method: str, path: str, headers: Dict[str, str]) -> Reply:
+        def respond(self, method: str, path: str, headers: Dict[str, str], body: bytes = b"") -> Reply:
             # A body with secrets but without the key id: the error must not quote it.
             return 200, "application/json", json.dumps({"SecretAccessKey": leaked.secret_access_key,
                                                         "Token": leaked.session_token})

@@ -222,13 +222,15 @@ class Plugin:
             mounter = self._mounter(volume)
             if volume.mounted or mounter.is_mounted(volume.mountpoint):
                 mounter.unmount(volume.mountpoint)
-            self._commit(name, None)
+            # The directory goes before the volume: forgotten first, a crash in between left
+            # it for ever (the retried Remove finds no volume); gone first, a Mount makes it again.
             try:
                 os.rmdir(volume.mountpoint)
             except FileNotFoundError:
                 pass
             except OSError as exc:  # not empty or still busy: keep it, say so
                 print(f"remove {name}: mountpoint kept ({exc.strerror})", flush=True)
+            self._commit(name, None)
 
     def _unmount_quietly(self, volume: Volume) -> None:
         try:

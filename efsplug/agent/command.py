@@ -27,6 +27,7 @@ from efsplug.agent.store import DEFAULT_STATE_PATH, Store
 from efsplug.cloudwatch import AGENT_LOG, FLUSH_TIMEOUT, LogSink, SinkHandler, start_sink
 from efsplug.config import load_config
 from efsplug.errors import EfsplugError
+from efsplug.fsutil import leftover_temp_files
 from efsplug.mounttable import read_mounts
 from efsplug.supervisor.runner import Supervisor
 
@@ -56,6 +57,7 @@ def say(text: str) -> None:
 def build_plugin(args: argparse.Namespace) -> Plugin:
     """The plugin with its state loaded and reconciled with the kernel; nothing is unmounted."""
     hold_instance_lock(args.state)  # before anything is read or bound: one agent per state file
+    remove_cut_writes(args.state)
     store = Store(args.state)
     loaded = store.load()
     if loaded.quarantined is not None:
@@ -66,6 +68,19 @@ def build_plugin(args: argparse.Namespace) -> Plugin:
     if result.changed or loaded.quarantined is not None:
         store.save(result.volumes)
     return Plugin(store, args.volumes_root, mounter=EfsMounter(args.config), initial=result.volumes)
+
+
+def remove_cut_writes(state_path: Path) -> None:
+    """A state write cut by a crash leaves its temp file: a copy of the state, credentials
+    URIs included, that nothing would ever read or remove. Only the state file's own."""
+    prefix = f".{state_path.name}."
+    try:
+        leftovers = leftover_temp_files(state_path.parent)
+    except FileNotFoundError:
+        return
+    for path in leftovers:
+        if path.name.startswith(prefix):
+            path.unlink(missing_ok=True)
 
 
 # ---- SUPERVISOR ------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from efsplug import state
 from efsplug.errors import EfsplugError, shown
 from efsplug.mounttable import KernelMount, by_mountpoint, ports_in_use, read_mounts
 from efsplug.state import MountRecord
+from efsplug.supervisor.orphans import release_unrecorded
 from efsplug.tunnel import Tunnel, TunnelError
 
 
@@ -93,6 +94,28 @@ def unmount_efs(mountpoint: str, *, state_dir: Path, lazy: bool = False, timeout
         umount(mountpoint, lazy=lazy, timeout=timeout)
     for record in records_for(Path(state_dir), mountpoint):
         release(record, state_dir=Path(state_dir), teardown_wait=TEARDOWN_WAIT)
+
+
+def release_leftovers(mountpoint: str, *, state_dir: Path) -> List[str]:
+    """With nothing mounted at mountpoint, release what an interrupted mount or unmount of it
+    left: its records (tunnels, files) and per-mount directories no record names yet (with
+    the tunnel running from one). Never unmounts; a tunnel the kernel still uses stays.
+
+    Only for a caller that knows no mount of mountpoint is in progress (the agent at start,
+    or under the volume's lock). Returns what was released, for the log.
+    """
+    state_dir = Path(state_dir)
+    if any(m.is_nfs and same_path(m.mountpoint, mountpoint) for m in read_mounts()):
+        return []
+    released = []
+    for record in records_for(state_dir, mountpoint):
+        if release(record, state_dir=state_dir):
+            released.append(f"record {state.file_name(record)}")
+    try:
+        dirs = release_unrecorded(state_dir, mountpoint, read_mounts(), time.time())
+    except TunnelError as exc:
+        raise UnmountError(f"cannot stop a tunnel left for {shown(mountpoint)}: {exc}") from None
+    return released + [f"directory {name} (no record)" for name in dirs]
 
 
 def umount(mountpoint: str, *, lazy: bool = False, timeout: float = 30.0) -> None:

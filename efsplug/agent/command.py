@@ -67,7 +67,10 @@ def build_plugin(args: argparse.Namespace) -> Plugin:
         say(note)
     if result.changed or loaded.quarantined is not None:
         store.save(result.volumes)
-    return Plugin(store, args.volumes_root, mounter=EfsMounter(args.config), initial=result.volumes)
+    plugin = Plugin(store, args.volumes_root, mounter=EfsMounter(args.config), initial=result.volumes)
+    for note in plugin.release_leftovers():
+        say(note)
+    return plugin
 
 
 def remove_cut_writes(state_path: Path) -> None:

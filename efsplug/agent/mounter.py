@@ -13,14 +13,14 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import IO, Any, Optional, Protocol, Sequence, Tuple
+from typing import IO, Any, List, Optional, Protocol, Sequence, Tuple
 
 from efsplug.agent.othertypes import HELPER_DIRS, MOUNT, TypedMount, mount_argv, require_helper
 from efsplug.config import Config, load_config
 from efsplug.errors import MountFailure, shown
 from efsplug.mount import mount_efs
 from efsplug.options import MountRequest
-from efsplug.unmount import is_mounted, umount, unmount_efs
+from efsplug.unmount import is_mounted, release_leftovers, umount, unmount_efs
 
 
 class Mounter(Protocol):
@@ -62,6 +62,11 @@ class EfsMounter:
 
     def is_mounted(self, mountpoint: str) -> bool:
         return is_mounted(mountpoint)
+
+    def release_leftovers(self, mountpoint: str) -> List[str]:
+        """Nothing mounted at mountpoint: release the tunnel, record and per-mount directory
+        that a killed agent's Mount or Unmount of it left (what was released, for the log)."""
+        return release_leftovers(mountpoint, state_dir=Path(self.config().efsplug.state_dir))
 
 
 # Under Docker's 2-minute Mount timeout, so Docker hears our Err rather than its own; an

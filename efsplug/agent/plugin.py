@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Dict, Mapping, MutableMapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, MutableMapping, Optional
 
 from efsplug.agent import protocol
 from efsplug.agent.mounter import EfsMounter, HelperMounter, Mounter, TypeMounter
@@ -231,6 +231,24 @@ class Plugin:
             except OSError as exc:  # not empty or still busy: keep it, say so
                 print(f"remove {name}: mountpoint kept ({exc.strerror})", flush=True)
             self._commit(name, None)
+
+    def release_leftovers(self) -> List[str]:
+        """Before serving: for each volume not mounted now, release what a killed agent's
+        Mount or Unmount of it left (tunnel, record, per-mount directory and certificate).
+        Nothing mounted is touched. One line per volume concerned, for the log."""
+        notes = []
+        for volume in self._volumes.values():
+            release = getattr(self._mounter(volume), "release_leftovers", None)  # efs only: the others own nothing
+            if volume.mounted or release is None:
+                continue
+            try:
+                released = release(volume.mountpoint)
+            except Exception as exc:  # one volume's trouble must not stop the agent from serving
+                notes.append(f"volume {volume.name}: could not release what an interrupted request left: {exc}")
+                continue
+            if released:
+                notes.append(f"volume {volume.name}: released what an interrupted request left: {', '.join(released)}")
+        return notes
 
     def _unmount_quietly(self, volume: Volume) -> None:
         try:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ CONFIG_NAME = "stunnel.conf"  # what mount.efs names a tunnel's config in its mo
 # and \xNN escapes), optional port. efs-utils' own directories end in "+": never matched.
 MOUNT_DIR = re.compile(r"fs-[0-9a-f]{8}(?:[0-9a-f]{9})?\.(?:[A-Za-z0-9:_.~-]|\\x[0-9a-f]{2})+")
 _ACCEPT = re.compile(r"^accept = 127\.0\.0\.1:([0-9]{1,5})$", re.MULTILINE)
+_STEM_PARTS = re.compile(r"(fs-[0-9a-f]{8}(?:[0-9a-f]{9})?)\..+\.([0-9]{1,5})")  # fs id, port
 _MAX_CONFIG = 16 * 1024  # efsplug's configs are well under 2 KiB
 
 
@@ -205,3 +207,54 @@ class Sweeper:
             log.error("cannot stop orphan tunnel pid %d (%s): %s", c.identity.pid, c.stem, exc)
             return
         log.warning("stopped orphan tunnel pid %d (%s): %s", c.identity.pid, c.identity.cmdline[-1], verdict.reason)
+
+
+# --- one mount point's unrecorded directories ----------------------------------------------
+# A mount cut between making its per-mount directory and saving its record (its process
+# killed) leaves the directory -- certificate, stunnel.conf -- and maybe a running tunnel
+# that no record names. The sweep above stops such a tunnel after ORPHAN_MIN_AGE but
+# leaves the directory; the agent, which knows no mount of its volume is in progress,
+# releases both at once.
+
+def mount_dirs_of(state_dir: Path, mountpoint: str) -> List[str]:
+    """Names of the per-mount directories in state_dir made for mountpoint (any fs id, port)."""
+    try:
+        names = os.listdir(state_dir)
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        parts = _STEM_PARTS.fullmatch(name)
+        if parts is None:
+            continue
+        try:
+            expected = state.file_name(state.MountRecord(fs_id=parts[1], mountpoint=mountpoint, port=int(parts[2])))
+        except state.StateError:
+            continue
+        path = Path(state_dir) / name
+        if expected == name + state.SUFFIX and path.is_dir() and not path.is_symlink():
+            found.append(name)
+    return sorted(found)
+
+
+def release_unrecorded(state_dir: Path, mountpoint: str, mounts: List[KernelMount], now: float) -> List[str]:
+    """Remove mountpoint's per-mount directories that no record names, after stopping
+    efsplug's tunnel running from one; one whose port a kernel mount uses is left alone.
+
+    Only for a caller that knows no mount of mountpoint is in progress: a mount in progress
+    looks exactly like this until it saves its record. Returns the directories removed.
+    """
+    state_dir = Path(state_dir)
+    used = set(ports_in_use(mounts))
+    stems = [stem for stem in mount_dirs_of(state_dir, mountpoint)
+             if not state.claimed(state_dir, stem) and int(stem.rsplit(".", 1)[1]) not in used]
+    if not stems:
+        return []
+    for c in candidates(state_dir, (), now):
+        if c.stem in stems:
+            tunnel = Tunnel.from_identity(c.identity)
+            if tunnel is not None:
+                tunnel.stop()  # TunnelError: its directory stays, and the caller hears why
+    for stem in stems:
+        shutil.rmtree(state_dir / stem, ignore_errors=True)
+    return stems

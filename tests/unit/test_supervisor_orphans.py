@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from efsplug.stunnel import MARKER, TunnelSpec, render
-from efsplug.supervisor.orphans import Candidate, judge, layout_stem, marked_port
+from efsplug import state
+from efsplug.mounttable import KernelMount
+from efsplug.supervisor.orphans import Candidate, judge, layout_stem, marked_port, mount_dirs_of, release_unrecorded
 from efsplug.tunnel import TunnelIdentity
 
 STATE = "/var/run/efs"
@@ -82,3 +84,39 @@ def test_the_marker_is_the_first_line_efsplug_writes(tmp_path: Path) -> None:
     os.mkfifo(fifo)
     assert marked_port(str(fifo)) == (False, None)  # and no hang
     assert marked_port(str(tmp_path / "gone.conf")) == (False, None)
+
+
+FS17 = "fs-0123456789abcdef0"
+
+
+def _dir_of(state_dir: Path, mountpoint: str, port: int, fs_id: str = FS17) -> str:
+    name = state.file_name(state.MountRecord(fs_id=fs_id, mountpoint=mountpoint, port=port))[: -len(state.SUFFIX)]
+    (state_dir / name).mkdir()
+    (state_dir / name / "certificate.pem").write_text("cert")
+    return name
+
+
+def test_mount_dirs_of_names_only_that_mountpoints_directories(tmp_path: Path) -> None:
+    mine = [_dir_of(tmp_path, "/v/a", 20049), _dir_of(tmp_path, "/v/a", 20050, fs_id="fs-01234567")]
+    _dir_of(tmp_path, "/v/a-b", 20051)  # escapes to a longer name starting the same way
+    _dir_of(tmp_path, "/v", 20052)
+    (tmp_path / (mine[0] + ".json")).write_text("{}")  # a record is a file, not a directory
+    (tmp_path / "fs-0123456789abcdef0.v-a.0").mkdir()  # no such port
+    (tmp_path / "fs-0123456789abcdef0.v-a.020049").mkdir()  # not how a port is written
+    assert mount_dirs_of(tmp_path, "/v/a") == sorted(mine)
+    assert mount_dirs_of(tmp_path / "missing", "/v/a") == []
+
+
+def _nfs(mountpoint: str, port: int) -> KernelMount:
+    return KernelMount(1, mountpoint, "nfs4", "127.0.0.1:/", f"rw,port={port}", port)
+
+
+def test_release_unrecorded_removes_only_unclaimed_unused_directories(tmp_path: Path) -> None:
+    cut = _dir_of(tmp_path, "/v/a", 20049)  # a mount killed before its record was saved
+    recorded = _dir_of(tmp_path, "/v/a", 20050)
+    (tmp_path / (recorded + ".json")).write_text("{}")
+    in_use = _dir_of(tmp_path, "/v/a", 20051)  # another mount talks through its port
+    other = _dir_of(tmp_path, "/v/b", 20052)
+    assert release_unrecorded(tmp_path, "/v/a", [_nfs("/v/c", 20051)], 0.0) == [cut]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == sorted([recorded, in_use, other])
+    assert release_unrecorded(tmp_path, "/v/a", [], 0.0) == [in_use]

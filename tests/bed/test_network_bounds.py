@@ -18,11 +18,24 @@ from efsplug.errors import MountFailure
 from efsplug.imds import InstanceMetadata, MetadataUnavailable
 from efsplug.resolve import _mount_target_from_api
 
-# IMDS: 2 s per request, 2 attempts, for the token and then the document.
-IMDS_BUDGET = 2 * 2.0 * 2
-CREDENTIALS_BUDGET = 3.0
-API_BUDGET = 2 * (3.0 + 5.0)
-SLACK = 5.0
+# The product's timeouts, scaled down (the bound, not its size, is what is tested): per
+# request for IMDS (2 attempts, token then document), credentials, and the EFS API.
+TIMEOUT = 0.5
+IMDS_BUDGET = 2 * TIMEOUT * 2
+CREDENTIALS_BUDGET = TIMEOUT
+API_BUDGET = 2 * (TIMEOUT + TIMEOUT)
+SLACK = 4.0
+
+
+@pytest.fixture(autouse=True)
+def short_timeouts(monkeypatch: pytest.MonkeyPatch) -> None:
+    import efsplug.credentials
+    import efsplug.resolve
+
+    monkeypatch.setattr(efsplug.credentials, "TIMEOUT_SECONDS", TIMEOUT)
+    monkeypatch.setattr(efsplug.resolve, "API_CONNECT_TIMEOUT", TIMEOUT)
+    monkeypatch.setattr(efsplug.resolve, "API_READ_TIMEOUT", TIMEOUT)
+    monkeypatch.setattr(efsplug.resolve, "API_DEADLINE", API_BUDGET)
 
 
 def within(budget: float, call: Callable[[], object], error: Type[BaseException]) -> BaseException:
@@ -41,7 +54,7 @@ def stalled(request: pytest.FixtureRequest) -> Iterator[str]:
 
 
 def test_instance_metadata(stalled: str) -> None:
-    err = within(IMDS_BUDGET, InstanceMetadata(endpoint=stalled).region, MetadataUnavailable)
+    err = within(IMDS_BUDGET, InstanceMetadata(endpoint=stalled, timeout=TIMEOUT).region, MetadataUnavailable)
     assert "did not answer" in str(err)
 
 
@@ -64,5 +77,5 @@ def test_describe_mount_targets(stalled: str, monkeypatch: pytest.MonkeyPatch) -
 
 def test_an_endless_answer_is_cut_at_the_size_bound() -> None:
     with HugeAnswer() as server:
-        err = within(IMDS_BUDGET, InstanceMetadata(endpoint=server.url).region, MetadataUnavailable)
+        err = within(IMDS_BUDGET, InstanceMetadata(endpoint=server.url, timeout=TIMEOUT).region, MetadataUnavailable)
     assert "longer than" in str(err) or "did not answer" in str(err)

@@ -36,6 +36,10 @@ class _Server:
 
     def stop(self) -> None:
         self._stopping.set()
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept(); close() alone does not
+        except OSError:
+            pass
         self.listener.close()
         with self._lock:
             for conn in self._conns:

@@ -297,7 +297,7 @@ def test_many_mount_cycles_leak_nothing(configure, supervisors, clean_guest: Bed
     configure(unmount_grace_period_sec=0)
     supervisors()
     bed.run(["mkdir", "-p", "/mnt/supcycle"])
-    loop = ("for i in $(seq 200); do mount -t efs %s /mnt/supcycle -o tls || exit 1; "
+    loop = ("for i in $(seq 100); do mount -t efs %s /mnt/supcycle -o tls || exit 1; "
             "umount /mnt/supcycle || exit 2; done" % bed.fs_id)
     res = bed.run(["sh", "-c", loop], timeout=1500)
     assert res.rc == 0, res.stderr

@@ -17,6 +17,7 @@ import fcntl
 import os
 import random
 import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
@@ -106,6 +107,29 @@ def _try_lock(path: Path) -> Optional[int]:
         if same:
             return fd
         os.close(fd)
+
+
+def hold_port(lock_dir: Path, port: int, timeout: float = 0.0) -> Optional[PortReservation]:
+    """The lock of a port whose tunnel already runs, or None if not had within timeout.
+
+    Held by a mount joining that tunnel while it checks the tunnel and saves its record,
+    and by whoever stops the tunnel while it looks for other records using it: so a
+    tunnel is never stopped under a mount that has just joined it. Holders keep it for
+    milliseconds; timeout 0 tries once.
+    """
+    ensure_dir(lock_dir, LOCK_DIR_MODE)
+    path = lock_path_for(lock_dir, port)
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while True:
+        fd = _try_lock(path)
+        if fd is not None:
+            return PortReservation(port=port, lock_path=path, _fd=fd)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        time.sleep(min(delay, remaining))  # flock has no timeout; the holder is brief
+        delay = min(delay * 2, 0.05)
 
 
 def port_is_listening(port: int, host: str = "127.0.0.1") -> bool:

@@ -80,11 +80,13 @@ class MountRecord:
     mount_time: Optional[datetime] = None
     tls: bool = False
     iam: bool = False
+    # Mounts whose tunnel settings and identity match share one tunnel (efsplug.sharing).
+    share_key: Optional[str] = None
     version: int = RECORD_VERSION
 
 
 _DATETIME_FIELDS = ("credential_expiry", "cert_not_before", "cert_not_after", "mount_time")
-_OPTIONAL_STR_FIELDS = ("config_file", "credential_source", "access_point", "netns", "region")
+_OPTIONAL_STR_FIELDS = ("config_file", "credential_source", "access_point", "netns", "region", "share_key")
 
 
 def escape_path(path: str) -> str:

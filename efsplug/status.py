@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
-from efsplug import state
+from efsplug import sharing, state
 from efsplug.config import load_config
 from efsplug.ecsconfig import ecs_config_path, load_ecs_config
 from efsplug.credentials import shown_source
@@ -48,6 +48,7 @@ class MountView:
     credential_expiry: Optional[str]
     cert_expiry: Optional[str]
     netns: Optional[str]
+    shares_tunnel_with: Tuple[str, ...] = ()  # the other mounts through the same tunnel process
 
 
 def supervised(state_dir: Path) -> bool:
@@ -65,7 +66,9 @@ def supervised(state_dir: Path) -> bool:
     return False
 
 
-def view(record: MountRecord, mounts: List[KernelMount], state_dir: Path, supervisor_running: bool) -> MountView:
+def view(record: MountRecord, mounts: List[KernelMount], state_dir: Path, supervisor_running: bool,
+         others: Tuple[MountRecord, ...] = ()) -> MountView:
+    """others: every other record, to name those sharing record's tunnel."""
     mounted = any(m.is_nfs and os.path.normpath(m.mountpoint) == os.path.normpath(record.mountpoint) for m in mounts)
     users = ports_in_use(mounts).get(record.port, []) if record.port else []
     tunnel = Tunnel.from_identity(record.tunnel) if record.tunnel else None
@@ -91,6 +94,7 @@ def view(record: MountRecord, mounts: List[KernelMount], state_dir: Path, superv
         tunnel_alive=tunnel is not None, tunnel_listening=listening, access_point=record.access_point,
         credential_source=shown_source(record.credential_source), credential_expiry=iso(record.credential_expiry),
         cert_expiry=iso(record.cert_not_after), netns=record.netns,
+        shares_tunnel_with=tuple(sorted(r.mountpoint for r in sharing.siblings(record, others))),
     )
 
 
@@ -99,7 +103,8 @@ def collect(state_dir: Path) -> Tuple[List[MountView], List[str]]:
     records, problems = state.load_all(state_dir)
     mounts = read_mounts()
     running = supervised(state_dir)
-    views = [view(r, mounts, state_dir, running) for r in sorted(records, key=lambda r: r.mountpoint)]
+    everyone = tuple(records)
+    views = [view(r, mounts, state_dir, running, everyone) for r in sorted(records, key=lambda r: r.mountpoint)]
     return views, bad_record_lines(problems, state.quarantined_files(state_dir))
 
 
@@ -153,6 +158,8 @@ def run(args: argparse.Namespace) -> int:
             tunnel += " but not listening"
         print(f"{v.mountpoint}  {v.fs_id}:{v.path}  {v.state}" + (f" ({v.reason})" if v.reason else ""))
         print(f"    tunnel: {tunnel}" + (f", netns {v.netns}" if v.netns else ""))
+        if v.shares_tunnel_with:
+            print(f"    tunnel shared with: {', '.join(v.shares_tunnel_with)}")
         if v.access_point:
             print(f"    access point: {v.access_point}")
         if v.credential_source:

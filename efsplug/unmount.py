@@ -9,6 +9,7 @@ its record stays, so the supervisor keeps it alive and reaps it once no mount us
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Iterable, List, Optional
 
-from efsplug import state
+from efsplug import ports, sharing, state
 from efsplug.errors import EfsplugError, shown
 from efsplug.mounttable import KernelMount, by_mountpoint, ports_in_use, read_mounts
 from efsplug.state import MountRecord
@@ -154,34 +155,62 @@ def tunnel_in_use(record: MountRecord, mounts: Iterable[KernelMount]) -> List[st
     return ports_in_use(mounts).get(record.port, [])
 
 
-def release(record: MountRecord, *, state_dir: Path, mounts: Optional[List[KernelMount]] = None,
-            teardown_wait: float = 0.0) -> bool:
-    """Stop record's tunnel and remove its files and record, unless a mount still needs it.
+# How long a release waits for a tunnel's port lock: a mount joining the tunnel holds it
+# for milliseconds, a start on that port until the new tunnel listens.
+HOLD_TIMEOUT = 2.0
 
-    Returns True if everything is gone, False if it was kept because a kernel mount still
+
+def release(record: MountRecord, *, state_dir: Path, mounts: Optional[List[KernelMount]] = None,
+            teardown_wait: float = 0.0, failed_mount: bool = False) -> bool:
+    """Remove record and its own directory; stop its tunnel (and remove the tunnel's files)
+    unless another record shares the tunnel or a mount still needs it.
+
+    Returns True if the record is gone, False if it was kept because a kernel mount still
     uses the record's mount point or its tunnel; then the supervisor owns it and reaps it
     when the last user goes. teardown_wait: right after an umount, how long the kernel may
-    take to close its connection before the tunnel counts as still in use.
+    take to close its connection before the tunnel counts as still in use. failed_mount:
+    the undo of a mount that was never made (nothing of the kernel's to wait for).
+
+    The tunnel's port lock is held while the other records are looked at and the tunnel is
+    stopped, so a mount joining the tunnel (efsplug.sharing.join) is either seen or waits.
     """
     state_dir = Path(state_dir)
     table = read_mounts() if mounts is None else mounts
-    if any(m.is_nfs and same_path(m.mountpoint, record.mountpoint) for m in table):
+    if not failed_mount and any(m.is_nfs and same_path(m.mountpoint, record.mountpoint) for m in table):
         return False
-    if tunnel_in_use(record, table):
-        return False
-    if record.tunnel is not None:
-        tunnel = Tunnel.from_identity(record.tunnel)  # None if gone or the pid was reused
-        if tunnel is not None and record.port is not None \
-                and not kernel_disconnects(tunnel.pid, record.port, teardown_wait):
-            return False  # the NFS client still tears its session down through it
-        if tunnel is not None:
-            try:
-                tunnel.stop()
-            except TunnelError as exc:
-                raise UnmountError(f"cannot stop the tunnel of {shown(record.mountpoint)}: {exc}") from None
-    remove_files(record, state_dir)
-    state.remove(state_dir, record)
+    hold = None
+    if record.port is not None and record.tunnel is not None:
+        hold = ports.hold_port(state_dir / "ports", record.port, HOLD_TIMEOUT)
+        if hold is None:
+            return False  # being joined or restarted this very moment: looked at again later
+    with hold or contextlib.nullcontext():
+        if sharing.siblings(record, state.load_all(state_dir)[0]):
+            _remove_own(record, state_dir)
+            return True
+        if not failed_mount and tunnel_in_use(record, table):
+            return False
+        if record.tunnel is not None:
+            tunnel = Tunnel.from_identity(record.tunnel)  # None if gone or the pid was reused
+            if tunnel is not None and record.port is not None and not failed_mount \
+                    and not kernel_disconnects(tunnel.pid, record.port, teardown_wait):
+                return False  # the NFS client still tears its session down through it
+            if tunnel is not None:
+                try:
+                    tunnel.stop()
+                except TunnelError as exc:
+                    raise UnmountError(f"cannot stop the tunnel of {shown(record.mountpoint)}: {exc}") from None
+        remove_files(record, state_dir)
+        state.remove(state_dir, record)
     return True
+
+
+def _remove_own(record: MountRecord, state_dir: Path) -> None:
+    """Another record shares the tunnel: only this mount's record and directory go; the
+    tunnel's directory (its config and certificate) stays while anyone uses it."""
+    own = mount_dir(record, state_dir)
+    if os.path.realpath(own) != os.path.realpath(tunnel_dir(record, state_dir)):
+        _remove_inside(str(own), os.path.realpath(state_dir))
+    state.remove(state_dir, record)
 
 
 def mount_dir(record: MountRecord, state_dir: Path) -> Path:
@@ -189,20 +218,32 @@ def mount_dir(record: MountRecord, state_dir: Path) -> Path:
     return Path(state_dir) / state.file_name(record)[: -len(state.SUFFIX)]
 
 
+def tunnel_dir(record: MountRecord, state_dir: Path) -> Path:
+    """The directory of the tunnel the record's mount goes through (its config, certificate
+    and log): the record's own per-mount directory, or that of the mount it joined."""
+    if record.config_file:
+        return Path(record.config_file).parent
+    return mount_dir(record, state_dir)
+
+
 def remove_files(record: MountRecord, state_dir: Path) -> None:
-    """Delete the record's own files; only paths inside state_dir are ever touched."""
+    """Delete the record's own files and its tunnel's; only paths inside state_dir are ever touched."""
     root = os.path.realpath(state_dir)
     candidates = [str(mount_dir(record, state_dir)), *record.files_created]
     if record.config_file:
-        candidates.append(record.config_file)
+        candidates += [record.config_file, str(tunnel_dir(record, state_dir))]
     for path in candidates:
-        real = os.path.realpath(path)
-        if os.path.commonpath([root, real]) != root or real == root:
-            continue  # a record naming files outside the state dir is not trusted with them
-        if os.path.isdir(real) and not os.path.islink(path):
-            shutil.rmtree(real, ignore_errors=True)
-        else:
-            try:
-                os.unlink(real)
-            except FileNotFoundError:
-                pass
+        _remove_inside(path, root)
+
+
+def _remove_inside(path: str, root: str) -> None:
+    real = os.path.realpath(path)
+    if os.path.commonpath([root, real]) != root or real == root:
+        return  # a record naming files outside the state dir is not trusted with them
+    if os.path.isdir(real) and not os.path.islink(path):
+        shutil.rmtree(real, ignore_errors=True)
+    else:
+        try:
+            os.unlink(real)
+        except FileNotFoundError:
+            pass

@@ -11,8 +11,9 @@ import logging
 import os
 import select
 import zlib
-from typing import Dict, List, Optional, Set
+from typing import Dict, List, Optional, Set, Tuple
 
+from efsplug import sharing
 from efsplug.mounttable import KernelMount, ports_in_use
 from efsplug.netns import netns_path
 from efsplug.supervisor import decisions as d
@@ -30,6 +31,7 @@ class ObserveMixin:
     _ports, _records, _read_mounts, _references, _probe, _listen_due, _again."""
 
     _entries: Dict[str, Entry]
+    _by_tunnel: Dict[Tuple[int, str], Set[str]]  # (port, tunnel config) -> keys of the records using it
     _records: RecordDir
     _again: Set[str]
 
@@ -72,6 +74,8 @@ class ObserveMixin:
             if not (mount_dir(record, self.state_dir) / STATUS_FILE).exists():
                 e.shown = (d.OK, "")  # nothing to correct: an "ok" mount needs no status file
             self._entries[key] = e
+            if record.port is not None and record.config_file is not None:
+                self._by_tunnel.setdefault((record.port, record.config_file), set()).add(key)
             self._watch_tunnel(e)
             dirty.add(key)
 
@@ -119,6 +123,11 @@ class ObserveMixin:
     def _forget(self, key: str) -> None:
         e = self._entries.pop(key, None)
         if e is not None:
+            users = self._by_tunnel.get((e.record.port, e.record.config_file or ""))
+            if users is not None:
+                users.discard(key)
+                if not users:
+                    del self._by_tunnel[(e.record.port, e.record.config_file or "")]
             self._watch_tunnel_off(e)
 
     def _sweep_listeners(self, now: float, dirty: Set[str]) -> None:
@@ -153,9 +162,14 @@ class ObserveMixin:
                 log.exception("references(%s) failed", r.mountpoint)
                 refs = 1
         mounted = os.path.normpath(r.mountpoint) in self._nfs
-        users = tuple(self._ports.get(r.port, ())) if r.port else ()
+        # Other records using this tunnel keep it (and count its users); this record goes,
+        # alone, when its own mount has gone.
+        together = self._by_tunnel.get((r.port, r.config_file or ""), ()) if r.port else ()
+        shared = {os.path.normpath(self._entries[k].record.mountpoint) for k in together
+                  if k != e.key and sharing.same_tunnel(self._entries[k].record, r)}
+        users = tuple(self._ports.get(r.port, ())) if r.port and not shared else ()
         connected = False
-        if not mounted and not users and e.alive and r.tunnel and r.port:
+        if not mounted and not users and not shared and e.alive and r.tunnel and r.port:
             connected = kernel_connected(r.tunnel.pid, r.port)  # only on the way out
         return d.Observation(
             mounted=mounted,

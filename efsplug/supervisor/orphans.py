@@ -246,8 +246,10 @@ def release_unrecorded(state_dir: Path, mountpoint: str, mounts: List[KernelMoun
     """
     state_dir = Path(state_dir)
     used = set(ports_in_use(mounts))
+    # A directory whose tunnel other mounts joined outlives its own record (efsplug.sharing).
+    joined = {os.path.basename(os.path.dirname(r.config_file)) for r in state.load_all(state_dir)[0] if r.config_file}
     stems = [stem for stem in mount_dirs_of(state_dir, mountpoint)
-             if not state.claimed(state_dir, stem) and int(stem.rsplit(".", 1)[1]) not in used]
+             if not state.claimed(state_dir, stem) and stem not in joined and int(stem.rsplit(".", 1)[1]) not in used]
     if not stems:
         return []
     for c in candidates(state_dir, (), now):

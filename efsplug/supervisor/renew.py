@@ -20,7 +20,7 @@ from efsplug.credentials import CredentialSource, CredentialsUnavailable, fetch_
 from efsplug.fsutil import atomic_write
 from efsplug.state import MountRecord
 from efsplug.tunnel import Tunnel
-from efsplug.unmount import mount_dir
+from efsplug.unmount import tunnel_dir
 
 KEY_FILE = "privateKey.pem"  # the key mount.efs created (efsplug.mount.KEY_FILE)
 CERT_FILE = "certificate.pem"
@@ -67,7 +67,7 @@ def renew_certificate(
         lifetime=timedelta(minutes=config.efsplug.cert_lifetime_min), client_source=config.client_info.source,
     )
     cert = certificate.build_certificate(key, request)
-    target = mount_dir(record, state_dir) / CERT_FILE
+    target = tunnel_dir(record, state_dir) / CERT_FILE  # shared with mounts that joined it
     if not target.parent.is_dir():
         raise RenewalError(f"{target.parent} is gone; the mount is being removed")
     atomic_write(target, certificate.certificate_pem(cert), 0o600)

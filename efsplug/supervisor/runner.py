@@ -78,6 +78,7 @@ class Supervisor(ObserveMixin, ActionsMixin):
             self.state_dir, min_age=orphan_min_age, read_mounts=self._read_mounts,
             interval=orphan_interval or self.policy.health_interval or ORPHAN_SCAN_INTERVAL)
         self._entries: Dict[str, _Entry] = {}
+        self._by_tunnel: Dict[Tuple[int, str], Set[str]] = {}
         self._by_fd: Dict[int, str] = {}
         self._timers: List[Tuple[float, int, str]] = []
         self._seq = itertools.count()

@@ -12,7 +12,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Tuple
 
 from efsplug.errors import shown
 from efsplug.imds import InstanceMetadata, MetadataUnavailable, http_request
@@ -176,22 +176,52 @@ def _from_profile(name: str, environ: Mapping[str, str], _region: Optional[str] 
     if not any(os.path.exists(os.path.expanduser(f)) for f in (creds_file, config_file)):
         # The usual case on instances and in tasks; not worth importing botocore for.
         raise CredentialsUnavailable(f"profile {name!r}: neither {creds_file} nor {config_file} exists")
-    from botocore.credentials import ConfigProvider, SharedCredentialProvider
-
     from efsplug.sigv4 import AwsCredentials
 
-    for provider in (
-        SharedCredentialProvider(creds_filename=os.path.expanduser(creds_file), profile_name=name),
-        ConfigProvider(config_filename=os.path.expanduser(config_file), profile_name=name),
-    ):
+    # The shared files' rules (botocore's and efs-utils'): the credentials file names the
+    # profile itself, the config file `profile <name>` (and `default` as it is).
+    for path, sections in ((creds_file, [name]), (config_file, [f"profile {name}"] + (["default"] * (name == "default")))):
         try:
-            found = provider.load()
-        except Exception:  # botocore raises a zoo of parse errors for broken files
+            keys = _ini_section(os.path.expanduser(path), sections)
+        except (OSError, ValueError):  # never quote the file: it holds secrets
             raise CredentialsUnavailable(f"profile {name!r}: cannot read {creds_file} or {config_file}") from None
-        if found is not None:
-            frozen = found.get_frozen_credentials()
-            return AwsCredentials(frozen.access_key, frozen.secret_key, frozen.token or None)
+        if keys is None:
+            continue
+        access, secret = keys.get("aws_access_key_id"), keys.get("aws_secret_access_key")
+        if access and secret:
+            return AwsCredentials(access, secret, keys.get("aws_session_token") or None)
+        if access or secret:  # half a key pair is a broken profile, not an absent one
+            raise CredentialsUnavailable(f"profile {name!r}: cannot read {creds_file} or {config_file}")
     raise CredentialsUnavailable(f"profile {name!r} has no keys in {creds_file} or {config_file}")
+
+
+_MAX_PROFILE_FILE = 1 << 20
+
+
+def _ini_section(path: str, sections: List[str]) -> Optional[Dict[str, str]]:
+    """The first of sections in the INI file at path (None if the file or section is absent).
+
+    configparser rather than botocore: botocore's import alone costs a mount.efs about
+    60 ms, and reading two small INI files is all that is needed here.
+    """
+    import configparser
+
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(_MAX_PROFILE_FILE + 1)
+    except FileNotFoundError:
+        return None
+    if len(raw) > _MAX_PROFILE_FILE:
+        raise ValueError("larger than any credentials file")
+    parser = configparser.RawConfigParser(strict=False, interpolation=None)
+    try:
+        parser.read_string(raw.decode("utf-8"))
+    except configparser.Error as exc:
+        raise ValueError(type(exc).__name__) from None
+    for section in sections:
+        if parser.has_section(section):
+            return {k.lower(): v.strip() for k, v in parser.items(section)}
+    return None
 
 
 def _from_web_identity(detail: str, environ: Mapping[str, str], region: Optional[str] = None) -> AwsCredentials:

@@ -7,12 +7,11 @@ target, then fsync the directory so the rename itself is durable.
 
 from __future__ import annotations
 
+import errno
 import os
-import secrets
 from pathlib import Path
 from typing import List, Union
 
-import psutil
 
 TEMP_SUFFIX = ".tmp"
 _TEMP_PREFIX = "."
@@ -26,7 +25,7 @@ def atomic_write(path: PathLike, data: bytes, mode: int = 0o600) -> None:
     directory = target.parent
     # The writer's pid in the name lets leftover_temp_files() tell a crashed writer's
     # debris from a write in progress.
-    tmp = directory / f"{_TEMP_PREFIX}{target.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+    tmp = directory / f"{_TEMP_PREFIX}{target.name}.{os.getpid()}.{os.urandom(4).hex()}{TEMP_SUFFIX}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
         try:
@@ -87,6 +86,17 @@ def leftover_temp_files(directory: PathLike) -> List[Path]:
             continue
         # A live writer (another thread of ours included) may still rename it; with a
         # recycled pid we keep the file, which is merely conservative.
-        if not psutil.pid_exists(writer):
+        if not pid_exists(writer):
             found.append(entry)
     return found
+
+
+def pid_exists(pid: int) -> bool:
+    """A process with this pid exists (signal 0; EPERM means it does, as someone else's)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except OSError as e:
+        return e.errno == errno.EPERM
+    return True

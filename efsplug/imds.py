@@ -11,15 +11,17 @@ process and those imports cost more than the requests themselves (about 0.15 s a
 
 from __future__ import annotations
 
-import http.client
 import os
 import socket
 import threading
 from dataclasses import dataclass, field
-from typing import Dict, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Mapping, Optional, Tuple
 from urllib.parse import urlsplit
 
 from efsplug.sigv4 import AwsCredentials
+
+if TYPE_CHECKING:
+    import http.client
 
 DEFAULT_ENDPOINT = "http://169.254.169.254"
 TOKEN_TTL_SECONDS = 21600
@@ -126,6 +128,8 @@ def http_request(method: str, url: str, headers: Mapping[str, str], timeout: flo
     trickles a byte now and then would otherwise hold the mount (and, in the agent, the
     volume's lock) for ever. The body is read up to MAX_BODY.
     """
+    import http.client  # here: it pulls in ssl, and most mounts never ask IMDS anything
+
     parts = urlsplit(url)
     if parts.scheme == "https":
         connection: http.client.HTTPConnection = http.client.HTTPSConnection(

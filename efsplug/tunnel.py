@@ -18,14 +18,16 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Optional, Set, Tuple
+from typing import IO, TYPE_CHECKING, Optional, Set, Tuple
 
-import psutil
-
+from efsplug import procinfo
 from efsplug.fsutil import atomic_write
 from efsplug.errors import MountFailure
 from efsplug.netns import open_namespace, preexec_entering
 from efsplug.stunnel import TunnelSpec, render
+
+if TYPE_CHECKING:
+    import psutil
 
 _CREATE_TIME_TOLERANCE = 0.005  # psutil derives it from clock ticks (10 ms); same process => equal
 _TCP_LISTEN = "0A"
@@ -46,22 +48,27 @@ class TunnelIdentity:
 
     @classmethod
     def of(cls, pid: int) -> "TunnelIdentity":
-        p = psutil.Process(pid)
-        with p.oneshot():
-            return cls(pid=pid, create_time=p.create_time(), cmdline=tuple(p.cmdline()))
+        """The identity of the running process pid; psutil.NoSuchProcess if there is none."""
+        found = procinfo.facts(pid)
+        if found is None or found.zombie:
+            import psutil  # only on this failure: mount.efs's own path never needs psutil
 
-    def matches(self, process: psutil.Process) -> bool:
+            raise psutil.NoSuchProcess(pid)
+        return cls(pid=pid, create_time=found.create_time, cmdline=found.cmdline)
+
+    def matches(self, process: "psutil.Process") -> bool:
         """True if process is the very process this identity was taken from."""
-        try:
-            with process.oneshot():
-                if process.status() == psutil.STATUS_ZOMBIE:
-                    return False
-                return (
-                    abs(process.create_time() - self.create_time) < _CREATE_TIME_TOLERANCE
-                    and tuple(process.cmdline()) == self.cmdline
-                )
-        except psutil.Error:
-            return False
+        return self.matches_pid(process.pid)
+
+    def running(self) -> bool:
+        """True if the very process this identity was taken from still runs (not a zombie)."""
+        return self.matches_pid(self.pid)
+
+    def matches_pid(self, pid: int) -> bool:
+        found = procinfo.facts(pid)
+        return (found is not None and not found.zombie
+                and abs(found.create_time - self.create_time) < _CREATE_TIME_TOLERANCE
+                and found.cmdline == self.cmdline)
 
 
 class _StartLog:
@@ -243,23 +250,15 @@ class Tunnel:
     @classmethod
     def from_identity(cls, identity: TunnelIdentity) -> Optional["Tunnel"]:
         """The tunnel if that exact process still runs, else None (gone or pid reused)."""
-        try:
-            process = psutil.Process(identity.pid)
-        except psutil.Error:
-            return None
-        return cls(identity) if identity.matches(process) else None
+        return cls(identity) if identity.running() else None
 
-    def _process(self) -> Optional[psutil.Process]:
+    def _running(self) -> bool:
         if self._popen is not None:
             self._popen.poll()  # reap our own child so it does not linger as a zombie
-        try:
-            process = psutil.Process(self.identity.pid)
-        except psutil.Error:
-            return None
-        return process if self.identity.matches(process) else None
+        return self.identity.running()
 
     def alive(self) -> bool:
-        return self._process() is not None
+        return self._running()
 
     def listening(self) -> bool:
         """True if the tunnel process itself listens on its port (spec needed)."""
@@ -284,7 +283,7 @@ class Tunnel:
     def _signal(self, sig: int, *, required: bool) -> bool:
         # The identity check and the kill are not atomic, but a pid is only recycled
         # after the tunnel died *and* the pid space wrapped: not within microseconds.
-        if self._process() is None:
+        if not self._running():
             if required:
                 raise TunnelError(f"tunnel pid {self.pid} is not running")
             return False
@@ -303,6 +302,8 @@ class Tunnel:
                 return True
             except subprocess.TimeoutExpired:
                 return False
+        import psutil  # waiting on a process that is not our child: psutil knows how
+
         try:
             psutil.Process(self.identity.pid).wait(timeout)
         except psutil.TimeoutExpired:

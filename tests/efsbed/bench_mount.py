@@ -1,12 +1,14 @@
 """`scripts/bench mount`: how long `mount -t efs` takes in the kernel guest, and where it goes.
 
-Starts its own Bed, then in the guest runs `mount -t efs -v <fs> <dir> -o
-tls,iam,accesspoint=<ap>` (instance role credentials) N times, each from the same starting
-point (no tunnel, no state; the private key, created once per host, is kept, as on a real
-host). Times are taken inside the guest (date +%s%N around the command), so the command
-channel is not counted; the phase breakdown is what `mount.efs -v` prints. For
-comparison it times a bare mount.nfs4 through an already running tunnel and a bare
-Python start: the floor the helper cannot go below under user-mode Linux.
+First the host user-space part (bench_mount_host: mount.nfs4 stubbed). Then it starts its
+own Bed and in the guest runs, run by run: the floor (a stunnel client started by hand
+until it listens, then mount.nfs4), `mount -t efs -v <fs> <dir> -o tls` and a second
+mount of the same file system (which joins the first one's tunnel), and `-o
+tls,iam,accesspoint=<ap>` (instance role credentials); each first mount from the same
+starting point (no tunnel, no state; the private key, created once per host, is kept, as
+on a real host). Times are taken inside the guest (date +%s%N around the command), so
+the command channel is not counted; the phase breakdown is what `mount.efs -v` prints.
+Last, a bare mount.nfs4 through a running tunnel and a bare Python start.
 
 `--baseline <git rev>` also times that revision's efsplug (extracted with git archive,
 put first on PYTHONPATH), alternating run by run, so a before/after comparison sees the
@@ -27,13 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from efsbed import bench_mount_host
 from efsbed.bed import Bed, REPO
 from efsbed.guest import GuestResult
 
 MOUNTPOINT = "/mnt/bench"
 STATE_DIR = "/run/efs"
 PYTHON = str(REPO / ".venv" / "bin" / "python")
-PHASES = ("resolve", "credentials", "port", "certificate", "tunnel", "mount.nfs4")
+PHASES = ("resolve", "credentials", "share", "port", "certificate", "tunnel", "mount.nfs4")
 NFS_OPTIONS = "nfsvers=4.1,rsize=1048576,wsize=1048576,hard,timeo=600,retrans=2,noresvport"
 _PHASE_RE = re.compile(r"([A-Za-z][\w.]*)=([0-9.]+)ms")
 _TIMED = 'set -e; s=$(date +%s%N); "$@"; e=$(date +%s%N); echo "ELAPSED_US $(( (e - s) / 1000 ))"'
@@ -90,12 +93,17 @@ def undo_mount(bed: Bed, *, keep_tunnel: bool = False) -> List[dict]:
     return records
 
 
+def extract(rev: str, target: Path) -> None:
+    """rev's efsplug package, from git, under target."""
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "efsplug"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True)
+
+
 def baseline_checkout(bed: Bed, rev: str) -> str:
     """rev's efsplug package under the bed's workdir (visible in the guest); the PYTHONPATH for it."""
     target = bed.workdir / "baseline"
     target.mkdir()
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "efsplug"], capture_output=True, check=True)
-    subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True)
+    extract(rev, target)
     where = bed.run([PYTHON, "-c", "import efsplug; print(efsplug.__file__)"], env={"PYTHONPATH": str(target)})
     if not where.stdout.startswith(str(target)):
         raise RuntimeError(f"the baseline is not what the guest imports: {where.stdout or where.stderr}")
@@ -116,53 +124,99 @@ def measure(bed: Bed, samples: Samples, command: List[str], env: Optional[Dict[s
     samples.add("overhead", total - phases(res).get("mount.nfs4", 0.0))
 
 
-def bench(bed: Bed, runs: int, baseline: Optional[Samples] = None, baseline_env: Optional[Dict[str, str]] = None
-          ) -> Samples:
-    samples = Samples()
+FLOOR = r"""
+set -e
+port=30999; conf=/tmp/bench-floor.conf
+s=$(date +%s%N)
+printf 'foreground = yes\npid =\n[efs]\nclient = yes\naccept = 127.0.0.1:%s\nconnect = %s:2049\nverify = 2\nCAfile = %s\ncheckHost = %s\n' \
+  $port "$1" "$2" "$3" > $conf
+stunnel $conf >/dev/null 2>&1 & pid=$!
+while ! grep -q ":$(printf %04X $port) 00000000:0000 0A" /proc/net/tcp; do :; done
+/sbin/mount.nfs4 127.0.0.1:/ "$4" -o "$5,port=$port"
+e=$(date +%s%N); echo "ELAPSED_US $(( (e - s) / 1000 ))"
+umount "$4"; kill $pid; wait $pid || true
+"""
+
+
+def floor(bed: Bed) -> float:
+    """A stunnel client started by hand until it listens, then mount.nfs4: what no helper avoids."""
+    res = bed.run(["sh", "-c", FLOOR, "floor", bed.seeded.mount_target_ip, str(bed.ca.cert_path), bed.dns_name,
+                   MOUNTPOINT, NFS_OPTIONS], timeout=120)
+    if res.rc != 0:
+        raise RuntimeError(f"the floor failed: {res.stderr.strip()}")
+    return elapsed_ms(res)
+
+
+def bench(bed: Bed, runs: int, baseline: Optional[Dict[str, Samples]] = None,
+          baseline_env: Optional[Dict[str, str]] = None) -> Dict[str, Samples]:
+    """Per case (tls, tls,iam,accesspoint) the samples; interleaved with the floor run by run."""
     ap = bed.access_points[0].id
-    command = ["mount", "-t", "efs", "-v", bed.fs_id, MOUNTPOINT, "-o", f"tls,iam,accesspoint={ap}"]
-    bed.run(["mkdir", "-p", MOUNTPOINT], timeout=30)
+    cases = {"tls": "tls", "tls,iam,accesspoint": f"tls,iam,accesspoint={ap}"}
+    found = {name: Samples() for name in cases}
+    shared = Samples()
+    bed.run(["mkdir", "-p", MOUNTPOINT, MOUNTPOINT + "-2"], timeout=30)
     for i in range(runs + 1):  # run 0 warms caches and creates the private key: not counted
-        if baseline is not None:
-            measure(bed, baseline, command, baseline_env, counted=bool(i))
-            undo_mount(bed)
-        measure(bed, samples, command, None, counted=bool(i))
-        undo_mount(bed, keep_tunnel=(i == runs))
-    (record,) = state_records(bed)
+        if i:
+            shared.add("floor", floor(bed))
+        for name, options in cases.items():
+            command = ["mount", "-t", "efs", "-v", bed.fs_id, MOUNTPOINT, "-o", options]
+            if baseline is not None:
+                measure(bed, baseline.setdefault(name, Samples()), command, baseline_env, counted=bool(i))
+                undo_mount(bed)
+            measure(bed, found[name], command, None, counted=bool(i))
+            if name == "tls":  # a second mount with the same identity joins the tunnel
+                second = ["mount", "-t", "efs", bed.fs_id, MOUNTPOINT + "-2", "-o", options]
+                took = elapsed_ms(timed(bed, second))
+                if i:
+                    shared.add("second mount, same identity", took)
+                bed.run(["umount", MOUNTPOINT + "-2"], timeout=60)
+            undo_mount(bed, keep_tunnel=(i == runs and name == "tls"))
+    (record,) = [r for r in state_records(bed) if r["mountpoint"] == MOUNTPOINT]
     nfs = ["/sbin/mount.nfs4", "127.0.0.1:/", MOUNTPOINT, "-o", f"{NFS_OPTIONS},port={record['port']}"]
     for _ in range(runs):
-        samples.add("bare mount.nfs4", elapsed_ms(timed(bed, nfs)))
+        shared.add("bare mount.nfs4", elapsed_ms(timed(bed, nfs)))
         bed.run(["umount", MOUNTPOINT], timeout=60)
     bed.run(["kill", str(record["tunnel"]["pid"])])
     bed.run(["rm", "-rf", STATE_DIR])
     for _ in range(runs):
-        samples.add("python start", elapsed_ms(timed(bed, [PYTHON, "-c", "pass"])))
-    return samples
+        shared.add("python start", elapsed_ms(timed(bed, [PYTHON, "-c", "pass"])))
+    return {**found, "": shared}
 
 
 def report(samples: Samples, runs: int, title: str = "") -> str:
     lines = [
-        f"mount -t efs -o tls,iam,accesspoint (instance role), {runs} runs, milliseconds{title}",
+        f"mount -t efs -o {title}, {runs} runs, milliseconds",
         f"{'':40} {'median':>9} {'min':>9} {'max':>9} {'n':>4}",
     ]
     rows = [(f"  phase {name}", name) for name in PHASES]
     rows += [
         ("total: command start to mounted", "total"),
         ("helper overhead (total - its mount.nfs4)", "overhead"),
-        ("bare mount.nfs4 via a running tunnel", "bare mount.nfs4"),
-        ("bare python start (venv, -c pass)", "python start"),
         ("first run (creates the private key)", "first run (creates key)"),
     ]
     for label, name in rows:
         row = samples.row(name)
         if row:
             lines.append(f"{label:40} {row}")
-    total = samples.values.get("total")
-    bare = samples.values.get("bare mount.nfs4")
-    if total and bare:
-        lines.append(
-            f"{'total - bare mount.nfs4 (medians)':40} {statistics.median(total) - statistics.median(bare):9.1f}"
-        )
+    return "\n".join(lines)
+
+
+def summary(found: Dict[str, Samples]) -> str:
+    """The figures issue 12 sets targets for, side by side with the floor."""
+    common = found[""]
+    med = lambda s, name: statistics.median(s.values[name])  # noqa: E731
+    floor_ms, bare = med(common, "floor"), med(common, "bare mount.nfs4")
+    lines = ["kernel guest, medians in milliseconds",
+             f"  {'floor: stunnel by hand until it listens, then mount.nfs4':58} {floor_ms:8.1f}"]
+    for name, target in (("tls", 2.5), ("tls,iam,accesspoint", 3.0)):
+        total = med(found[name], "total")
+        lines.append(f"  {'mount -t efs -o ' + name:58} {total:8.1f}  {total / floor_ms:4.2f}x the floor"
+                     f" (target <= {target}x)")
+    second = med(common, "second mount, same identity")
+    lines.append(f"  {'bare mount.nfs4 through a running tunnel':58} {bare:8.1f}")
+    lines.append(f"  {'mount -t efs -o tls, a second mount joining the tunnel':58} {second:8.1f}  {second - bare:+.1f} "
+                 "over the bare mount.nfs4")
+    lines.append(f"  {'python start (venv, -c pass)':58} {med(common, 'python start'):8.1f}")
     return "\n".join(lines)
 
 
@@ -170,17 +224,32 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench mount", description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10, help="measured runs (default 10, at least 10 for the report)")
     parser.add_argument("--baseline", metavar="REV", help="also time this git revision's efsplug, interleaved")
+    parser.add_argument("--guest-only", action="store_true", help="skip the host user-space part")
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="efsbed-bench-"))
     try:
-        baseline = Samples() if args.baseline else None
+        baseline: Optional[Dict[str, Samples]] = {} if args.baseline else None
+        host = None
+        if not args.guest_only:
+            base_dir = None
+            if args.baseline:
+                base_dir = workdir / "host-baseline"
+                base_dir.mkdir()
+                extract(args.baseline, base_dir)
+            host = bench_mount_host.measure(max(args.runs, 1), str(base_dir) if base_dir else None)
         with Bed(workdir / "bed") as bed:
             env = {"PYTHONPATH": baseline_checkout(bed, args.baseline)} if args.baseline else None
-            samples = bench(bed, max(args.runs, 1), baseline, env)
-        print(report(samples, args.runs, " (this checkout)"))
-        if baseline is not None:
+            found = bench(bed, max(args.runs, 1), baseline, env)
+        if host is not None:
+            print(bench_mount_host.report(host))
             print()
-            print(report(baseline, args.runs, f" (baseline {args.baseline})"))
+        print(summary(found))
+        for name in ("tls", "tls,iam,accesspoint"):
+            print()
+            print(report(found[name], args.runs, name + " (this checkout)"))
+        for name, samples in (baseline or {}).items():
+            print()
+            print(report(samples, args.runs, f"{name} (baseline {args.baseline})"))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, List, Optional
 
 from efsplug import __version__, interrupt
 from efsplug.errors import EXIT_MOUNT_FAILURE, EfsplugError
-from efsplug.options import USAGE
 
 if TYPE_CHECKING:
     from efsplug.cloudwatch import LogSink
@@ -27,9 +26,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{PROG} (efsplug) {__version__}")
         return 0
     if "-h" in args or "--help" in args:
+        from efsplug.options import USAGE
+
         print(f"usage: {USAGE}")
         return 0
-    # The mount machinery is imported only when a mount is asked for.
+    from efsplug import handoff
+
+    answer = handoff.request_prepare(args)
+    if answer is not None:
+        return _finish_handed(answer)
+    # The mount machinery is imported only when a mount is asked for, and mount.efs does it all.
     from efsplug.config import load_config
     from efsplug.mount import Timings, mount_efs
     from efsplug.options import parse_mount_args
@@ -61,6 +67,65 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{PROG}: mounted {request.fs_id}:{request.path} at {request.mountpoint}{where} ({timings.line()})")
     _finish_sink(sink, request, None, 0, port=record.port if record else None)
     return 0
+
+
+def _finish_handed(answer: dict) -> int:
+    """A resident efsplug prepared the mount (efsplug.handoff): run mount.nfs4 here, or
+    report its error; a failed or interrupted kernel mount releases what it made."""
+    for warning in answer.get("warnings") or []:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+    if not answer.get("ok"):
+        print(f"{PROG}: {answer.get('error')}", file=sys.stderr)
+        return int(answer.get("exit") or EXIT_MOUNT_FAILURE)
+    fields = answer.get("prepared")
+    if fields is None:
+        return 0  # -f: nothing to mount
+    import time
+
+    from efsplug.nfs import NfsMount, finish_mount
+
+    nfs = NfsMount(fields["source"], fields["mountpoint"], fields["options"], netns=fields["netns"],
+                   flags=tuple(fields["flags"]), access_point=fields["access_point"],
+                   tunnel_log=fields["tunnel_log"], target=fields["target"], identity=fields["identity"])
+    verbose = bool(fields["verbose"])
+    started = time.perf_counter()
+    interrupt.arm()
+    try:
+        finish_mount(nfs, attempts=int(fields["attempts"]), attempt_timeout=float(fields["attempt_timeout"]),
+                     verbose=verbose, port=fields["port"])
+    except BaseException as exc:
+        if fields["record"]:
+            _release_handed(fields["record"])
+        if isinstance(exc, EfsplugError):
+            print(f"{PROG}: {exc}", file=sys.stderr)
+            return exc.exit_code
+        if isinstance(exc, Exception):
+            print(f"{PROG}: internal error ({type(exc).__name__}); rerun with -v and report it", file=sys.stderr)
+            return EXIT_MOUNT_FAILURE
+        raise
+    finally:
+        interrupt.disarm()
+    if verbose:
+        where = f" through 127.0.0.1:{fields['port']}" if fields["port"] else ""
+        took = (time.perf_counter() - started) * 1000
+        print(f"{PROG}: mounted {fields['source']} at {fields['mountpoint']}{where} "
+              f"({answer.get('timings')} mount.nfs4={took:.1f}ms; prepared by efsplug pid {answer.get('pid')})")
+    return 0
+
+
+def _release_handed(name: str) -> None:
+    """Undo what the resident efsplug made for a mount that was not made."""
+    from pathlib import Path
+
+    from efsplug import state
+    from efsplug.config import load_config
+    from efsplug.unmount import UnmountError, release
+
+    state_dir = Path(load_config().config.efsplug.state_dir)
+    try:
+        release(state.load(state_dir / name), state_dir=state_dir, failed_mount=True)
+    except (state.StateError, UnmountError):
+        pass  # gone already, or kept: the supervisor reaps what is left
 
 
 def _start_sink(request: MountRequest, config: Config) -> Optional[LogSink]:

@@ -12,7 +12,6 @@ import contextlib
 import os
 import shutil
 import socket
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
@@ -24,10 +23,8 @@ from efsplug.config import Config, MountConfig
 from efsplug.errors import MountFailure, shown
 from efsplug.fsutil import atomic_write, ensure_dir
 from efsplug.imds import InstanceMetadata, MetadataUnavailable
-from efsplug.interrupt import Interrupted
-from efsplug.mounttable import read_mounts
 from efsplug.netns import check_namespace
-from efsplug.nfs import NfsMount, mount_nfs
+from efsplug.nfs import NfsMount, finish_mount as finish_nfs_mount
 from efsplug.options import MountRequest, nfs_device, nfs_mount_options, parse_ip, validate_region
 from efsplug.resolve import MountTarget, locate_mount_target
 from efsplug.stunnel import TunnelSpec
@@ -70,6 +67,17 @@ class Identity:
     source: Optional[CredentialSource] = None
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """Everything up to the kernel mount: the record (TLS mounts) and mount.nfs4's run."""
+
+    record: Optional[state.MountRecord]
+    nfs: NfsMount
+    attempts: int
+    attempt_timeout: float
+    verbose: bool = False
+
+
 def mount_efs(
     request: MountRequest,
     config: Config,
@@ -80,6 +88,37 @@ def mount_efs(
 ) -> Optional[state.MountRecord]:
     """Mount request.fs_id at request.mountpoint; the state record for TLS mounts, else None."""
     timings = timings or Timings()
+    with contextlib.ExitStack() as undo:
+        prepared = prepare_mount(request, config, environ=environ, timings=timings, now=now, undo=undo)
+        if prepared is None:
+            return None
+        finish_mount(prepared, timings)
+        undo.pop_all()  # the mount is made: everything created now belongs to it
+    return prepared.record
+
+
+def finish_mount(prepared: Prepared, timings: Timings) -> None:
+    """mount.nfs4 for a prepared mount (efsplug.nfs.finish_mount); returns once the kernel has it."""
+    with timings.phase("mount.nfs4"):
+        finish_nfs_mount(prepared.nfs, attempts=prepared.attempts, attempt_timeout=prepared.attempt_timeout,
+                         verbose=prepared.verbose, port=prepared.record.port if prepared.record else None)
+
+
+def prepare_mount(
+    request: MountRequest,
+    config: Config,
+    *,
+    environ: Mapping[str, str],
+    timings: Timings,
+    now: Callable[[], datetime],
+    undo: contextlib.ExitStack,
+) -> Optional[Prepared]:
+    """Locate, authorize, tunnel, record: all but the kernel mount (None for -f, fake).
+
+    What it makes is undone by undo unless the caller pops it once the mount is made. Run
+    by mount.efs itself, or for it by a resident efsplug (efsplug.handoff), which keeps
+    imports and the private key warm.
+    """
     _check_preconditions(request)
     imds = InstanceMetadata.from_environment(environ)
     with timings.phase("resolve"):
@@ -103,38 +142,16 @@ def mount_efs(
     if request.fake:
         return None
     if not request.tls:
-        with timings.phase("mount.nfs4"):
-            _mount(request, mount_config, nfs_device(target.address, request.path),
-                   nfs_mount_options(request, tunnel_port=None))
-        return None
+        return _prepared(request, mount_config, None, nfs_device(target.address, request.path),
+                         nfs_mount_options(request, tunnel_port=None))
     with timings.phase("credentials"):
         identity = _identity(request, environ, region)
-    with contextlib.ExitStack() as undo:
-        record: Optional[state.MountRecord] = None
-        try:
-            record = _start_tunnel(request, config, mount_config, region, target, identity, timings, now, undo)
-            with timings.phase("mount.nfs4"):
-                _mount(
-                    request, mount_config, f"127.0.0.1:{request.path}",
-                    nfs_mount_options(request, tunnel_port=record.port),
-                    tunnel_log=str(Path(str(record.config_file)).with_name(TUNNEL_LOG)), target=target.address,
-                    identity=_describe(identity),
-                )
-            undo.pop_all()  # the mount is made: everything created now belongs to it
-        except Interrupted:
-            # A signal may land after mount.nfs4 made the mount: the kernel decides. A made
-            # mount keeps its tunnel and record (stopping them would hang it); else undo all.
-            if record is not None and _mounted_through(str(request.mountpoint), record.port):
-                undo.pop_all()
-                print(f"mount.efs: a signal arrived after {request.mountpoint} was mounted; the mount is kept",
-                      file=sys.stderr)
-                return record
-            raise
-    return record
-
-
-def _mounted_through(mountpoint: str, port: Optional[int]) -> bool:
-    return any(m.mountpoint == os.path.normpath(mountpoint) and m.is_nfs and m.port == port for m in read_mounts())
+    record = _start_tunnel(request, config, mount_config, region, target, identity, timings, now, undo)
+    return _prepared(
+        request, mount_config, record, f"127.0.0.1:{request.path}", nfs_mount_options(request, tunnel_port=record.port),
+        tunnel_log=str(Path(str(record.config_file)).with_name(TUNNEL_LOG)), target=target.address,
+        identity=_describe(identity),
+    )
 
 
 def find_region(request: MountRequest, config: Config, environ: Mapping[str, str], imds: InstanceMetadata) -> str:
@@ -362,19 +379,21 @@ def _describe(identity: Identity) -> Optional[str]:
     return f"IAM identity {identity.source} (access key {identity.credentials.access_key_id})"
 
 
-def _mount(
+def _prepared(
     request: MountRequest,
     mount_config: MountConfig,
+    record: Optional[state.MountRecord],
     source: str,
     options: str,
     *,
     tunnel_log: Optional[str] = None,
     target: str = "the mount target",
     identity: Optional[str] = None,
-) -> None:
+) -> Prepared:
     flags = [flag for flag, on in (("-n", request.no_mtab), ("-s", request.sloppy), ("-v", request.verbose)) if on]
     attempts = mount_config.retry_nfs_mount_command_count if mount_config.retry_nfs_mount_command else 1
-    mount_nfs(
+    return Prepared(
+        record,
         NfsMount(source, str(request.mountpoint), options, netns=request.netns, flags=flags,
                  access_point=request.accesspoint, tunnel_log=tunnel_log, target=target, identity=identity),
         attempts=attempts,

@@ -15,14 +15,15 @@ mount the server keeps refusing fails in about a second instead of at the timeou
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import subprocess
+import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence
 
 from efsplug.errors import MountFailure
+from efsplug.interrupt import Interrupted
 from efsplug.netns import opened, preexec_entering
 
 MOUNT_NFS4 = "/sbin/mount.nfs4"  # mount(8) may run helpers with a minimal PATH
@@ -38,8 +39,9 @@ _CERT_PROBLEM = re.compile(r"(CERT: .*|Rejected by CERT.*|certificate verify fai
 _TLS_ALERT = re.compile(r"SSL_connect: .*?:([^:]+)$")
 
 
-@dataclass(frozen=True)
-class NfsMount:
+# NamedTuples, not dataclasses: mount.efs imports this module even when a resident efsplug
+# prepared its mount, and the dataclasses module alone costs it a few milliseconds.
+class NfsMount(NamedTuple):
     source: str  # 127.0.0.1:/path through a tunnel, or <dns name or ip>:/path without TLS
     mountpoint: str
     options: str
@@ -51,8 +53,7 @@ class NfsMount:
     identity: Optional[str] = None  # "IAM identity <source> (access key <id>)"; never a secret
 
 
-@dataclass(frozen=True)
-class TunnelVerdict:
+class TunnelVerdict(NamedTuple):
     """What the tunnel's log says about the connections made so far (pure)."""
 
     refused: int = 0  # closed by the server after the handshake, without an answer
@@ -160,7 +161,7 @@ def _tunnel_verdict(mount: NfsMount, since: int) -> TunnelVerdict:
 
 def _log_size(mount: NfsMount) -> int:
     try:
-        return Path(mount.tunnel_log).stat().st_size if mount.tunnel_log else 0
+        return os.stat(mount.tunnel_log).st_size if mount.tunnel_log else 0
     except OSError:
         return 0
 
@@ -233,3 +234,28 @@ def mount_nfs(mount: NfsMount, *, attempts: int, attempt_timeout: float, verbose
             print(f"mount.efs: retrying mount.nfs4 ({done.stderr.strip()})")
         time.sleep(delay)  # back-off: the server told us to come back, there is no event to wait on
         delay = min(delay * 2, 5.0)
+
+
+def finish_mount(mount: NfsMount, *, attempts: int, attempt_timeout: float, verbose: bool,
+                 port: Optional[int]) -> None:
+    """mount_nfs for a prepared mount, as mount.efs runs it (also for a mount a resident efsplug
+    prepared, without importing the rest of the mount machinery).
+
+    A signal (Interrupted) may land after mount.nfs4 made the mount: the kernel decides. A
+    made mount keeps its tunnel and record (stopping them would hang it); else the
+    Interrupted goes on, and the caller undoes what was prepared.
+    """
+    try:
+        mount_nfs(mount, attempts=attempts, attempt_timeout=attempt_timeout, verbose=verbose)
+    except Interrupted:
+        if port is not None and _mounted_through(mount.mountpoint, port):
+            print(f"mount.efs: a signal arrived after {mount.mountpoint} was mounted; the mount is kept",
+                  file=sys.stderr)
+            return
+        raise
+
+
+def _mounted_through(mountpoint: str, port: int) -> bool:
+    from efsplug.mounttable import read_mounts
+
+    return any(m.mountpoint == os.path.normpath(mountpoint) and m.is_nfs and m.port == port for m in read_mounts())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -302,15 +303,19 @@ class Tunnel:
                 return True
             except subprocess.TimeoutExpired:
                 return False
-        import psutil  # waiting on a process that is not our child: psutil knows how
-
+        # Not our child (another efsplug process started it): a pidfd becomes readable when
+        # it exits. Its parent reaps it; until then it is a zombie, which counts as gone.
         try:
-            psutil.Process(self.identity.pid).wait(timeout)
-        except psutil.TimeoutExpired:
-            return not self.alive()
-        except psutil.Error:
-            pass
-        return True
+            fd = os.pidfd_open(self.identity.pid)
+        except ProcessLookupError:
+            return True
+        try:
+            if not self.identity.running():  # checked after opening: the fd is of this very process
+                return True
+            ready, _, _ = select.select([fd], [], [], timeout)
+            return bool(ready) or not self.identity.running()
+        finally:
+            os.close(fd)
 
 
 def _wait_listening(popen: "subprocess.Popen[bytes]", port: int, timeout: float, log: _StartLog) -> None:

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import pytest
 
 from efsbed import kernel, procs
+
+# Agents and supervisors the host tests start serve mount.efs (efsplug.handoff) at this
+# path, never at the host's /run/efsplug/mount.sock, where another test's mount.efs (or
+# the machine's own) would find them. The guest has its own environment and default.
+os.environ.setdefault("EFSPLUG_MOUNT_SOCKET", os.path.join(tempfile.mkdtemp(prefix="efsplug-tests-"), "mount.sock"))
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -15,6 +24,9 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    socket_dir = os.path.dirname(os.environ["EFSPLUG_MOUNT_SOCKET"])
+    if os.path.basename(socket_dir).startswith("efsplug-tests-"):
+        shutil.rmtree(socket_dir, ignore_errors=True)
     leftovers = [p for tag in sorted(procs.STARTED_TAGS) for p in procs.tagged_processes(tag)]
     if not leftovers:
         return

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
 from pathlib import Path
 from typing import Callable, Optional
 
+from efsplug import handoff
 from efsplug.agent.instancelock import hold_instance_lock
 from efsplug.agent.mounter import EfsMounter
 from efsplug.agent.plugin import Plugin
@@ -29,6 +31,7 @@ from efsplug.config import load_config
 from efsplug.errors import EfsplugError
 from efsplug.fsutil import leftover_temp_files
 from efsplug.mounttable import read_mounts
+from efsplug.mountservice import MountService
 from efsplug.supervisor.runner import Supervisor
 
 PROG = "efsplug agent"
@@ -143,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
         sink = start_cloudwatch(args)
         server = AgentServer(bind_socket(args.socket), plugin, RequestLog(sink=sink))
         supervisor = start_supervisor(args, plugin, sink, on_failure=stopping.set)
+        mounts = MountService.start_at(Path(handoff.socket_path(os.environ)))  # mount.efs's work, done warm
     except (EfsplugError, OSError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr, flush=True)
         stop_cloudwatch(sink)
@@ -171,6 +175,8 @@ def run(args: argparse.Namespace) -> int:
         server.server_close()
         if not server.wait_idle(DRAIN_TIMEOUT):
             say("requests still running at shutdown; exiting anyway")
+        if mounts is not None:
+            mounts.stop()
         stop_supervisor(supervisor)
         stop_cloudwatch(sink)
     if supervisor is not None and supervisor.failed.is_set():

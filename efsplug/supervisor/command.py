@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 
@@ -24,6 +25,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from efsplug import handoff
+    from efsplug.mountservice import MountService
     from efsplug.supervisor.runner import Supervisor
 
     try:
@@ -39,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
         print("efsplug supervise: [mount-watchdog] enabled = false; not supervising", file=sys.stderr)
         return 0
     supervisor = Supervisor(loaded.config)
+    mounts = MountService.start_at(Path(handoff.socket_path(os.environ)))  # mount.efs's work, done warm
 
     def on_signal(signum: int, _frame: object) -> None:
         supervisor.stop(timeout=0)  # wakes the loop, which returns
@@ -51,4 +55,7 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("efsplug.supervisor").exception("supervisor failed")
         print(f"efsplug supervise: internal error ({type(exc).__name__})", file=sys.stderr)
         return 1
+    finally:
+        if mounts is not None:
+            mounts.stop()
     return 0

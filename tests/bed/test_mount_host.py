@@ -348,17 +348,18 @@ def test_netns_fifo_is_refused_without_blocking(host: Host) -> None:
 
 @pytest.fixture
 def traced_stunnel(host: Host) -> Path:
-    """A stunnel wrapper that records its pid (kept by exec): proof the tunnel really ran."""
+    """A stunnel wrapper that records its pid (kept by exec) and its parent's: proof the
+    tunnel really ran, and of who started it."""
     started = host.root / "stunnel-pids"
     wrapper = host.root / "stunnel-traced"
-    wrapper.write_text(f"#!/bin/sh\necho $$ >> {started}\nexec /usr/bin/stunnel \"$@\"\n")
+    wrapper.write_text(f"#!/bin/sh\necho $$ $PPID >> {started}\nexec /usr/bin/stunnel \"$@\"\n")
     wrapper.chmod(0o755)
     host.write_config(efsplug={"stunnel": str(wrapper)})
     return started
 
 
 def started_and_gone(started: Path) -> List[int]:
-    pids = [int(line) for line in started.read_text().split()]
+    pids = [int(line.split()[0]) for line in started.read_text().splitlines()]
     assert pids and not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
                             for pid in pids)
     return pids

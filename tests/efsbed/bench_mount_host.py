@@ -12,7 +12,9 @@ Run by run, interleaved:
   process started, waited for until it listens), then the stub mount.nfs4;
 - `tls`, `tls,iam,accesspoint` with a profile's credentials and with an ECS credentials
   URI (each from a clean start: no tunnel, no record; the host's private key is kept);
-- a mount that joins a live tunnel (same identity), against the bare stub mount.nfs4.
+- a mount that joins a live tunnel (same identity), against the bare stub mount.nfs4;
+each mount.efs case alone and with a resident efsplug (a MountService in this process,
+as the agent or `efsplug supervise` runs one) preparing it (efsplug.handoff).
 Then memory: PSS of the stunnel processes at 1 and at 50 live tunnels (distinct file
 systems), and the ports in use once 50 more mounts joined them.
 
@@ -34,10 +36,12 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from efsbed.bed import MOUNT_EFS
 from efsbed.ca import BedCA
+from efsplug import handoff
+from efsplug.mountservice import MountService
 from efsplug.tunnel import listening_on
 
 AP = "fsap-0123456789abcdef0"
@@ -69,6 +73,7 @@ class HostBench:
     def __init__(self, root: Path, baseline: Optional[str]) -> None:
         self.root, self.baseline = root, baseline
         self.state = root / "state"
+        self.socket = root / "run" / "mount.sock"
         self.ca = BedCA.create(root / "ca")
         (root / "home" / ".aws").mkdir(parents=True)
         (root / "home" / ".aws" / "credentials").write_text(
@@ -78,21 +83,28 @@ class HostBench:
         self.stunnel = shutil.which("stunnel") or shutil.which("stunnel4") or "stunnel"
         self.samples: Dict[str, List[float]] = {}
 
-    def env(self, baseline: bool) -> Dict[str, str]:
+    def env(self, baseline: bool, handed: bool = False) -> Dict[str, str]:
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "HOME": str(self.root / "home"),
-               "EFSPLUG_CONFIG": str(self.root / "efs-utils.conf"), "AWS_EC2_METADATA_DISABLED": "true"}
+               "EFSPLUG_CONFIG": str(self.root / "efs-utils.conf"), "AWS_EC2_METADATA_DISABLED": "true",
+               handoff.SOCKET_ENV: str(self.socket if handed else self.root / "no-resident-efsplug.sock")}
         if baseline:
             env["PYTHONPATH"] = str(self.baseline)
         return env
 
+    def variants(self) -> List[Tuple[str, bool, bool]]:
+        """(label, baseline, handed to the resident efsplug), alternated run by run."""
+        found = [("", False, False), (" [resident efsplug]", False, True)]
+        return found + ([(" [baseline]", True, False)] if self.baseline else [])
+
     def add(self, name: str, ms: float) -> None:
         self.samples.setdefault(name, []).append(ms)
 
-    def mount_efs(self, mnt: Path, options: str, fs: str = "fs-12345678", baseline: bool = False) -> float:
+    def mount_efs(self, mnt: Path, options: str, fs: str = "fs-12345678", baseline: bool = False,
+                  handed: bool = False) -> float:
         mnt.mkdir(exist_ok=True)
         start = time.perf_counter()
         done = subprocess.run([str(MOUNT_EFS), fs, str(mnt), "-o", f"{options},mounttargetip=127.0.0.1"],
-                              env=self.env(baseline), capture_output=True, text=True, timeout=60)
+                              env=self.env(baseline, handed), capture_output=True, text=True, timeout=60)
         elapsed = (time.perf_counter() - start) * 1000
         if done.returncode != 0:
             raise RuntimeError(f"mount.efs -o {options} failed: {done.stderr.strip()}")
@@ -141,17 +153,17 @@ class HostBench:
             if counted:
                 self.add("floor", ms)
             for name, options in CASES.items():
-                for baseline in ([True, False] if self.baseline else [False]):
-                    ms = self.mount_efs(mnt, options, baseline=baseline)
+                for label, baseline, handed in self.variants():
+                    ms = self.mount_efs(mnt, options, baseline=baseline, handed=handed)
                     self.clean()
                     if counted:
-                        self.add(f"{name}{' [baseline]' if baseline else ''}", ms)
-            for baseline in ([True, False] if self.baseline else [False]):
+                        self.add(name + label, ms)
+            for label, baseline, handed in self.variants():
                 self.mount_efs(mnt, CASES["tls"])  # a live tunnel to join (the baseline may not)
-                ms = self.mount_efs(joiner, CASES["tls"], baseline=baseline)
+                ms = self.mount_efs(joiner, CASES["tls"], baseline=baseline, handed=handed)
                 self.clean()
                 if counted:
-                    self.add(f"second mount, same identity{' [baseline]' if baseline else ''}", ms)
+                    self.add("second mount, same identity" + label, ms)
             if counted:
                 self.add("bare mount.nfs4 (stub)", self.stub())
 
@@ -217,10 +229,13 @@ def _inner(args: argparse.Namespace) -> None:
         stub.chmod(0o755)
         subprocess.run(["mount", "--bind", str(stub), "/sbin/mount.nfs4"], check=True)
         bench = HostBench(root, args.baseline)
+        service = MountService.start_at(bench.socket)
+        assert service is not None, "cannot serve mount.efs"
         try:
             bench.run(args.runs)
             memory = bench.memory()
         finally:
+            service.stop()
             bench.clean()
         json.dump({"samples": bench.samples, "memory": memory}, sys.stdout)
     server.shutdown()

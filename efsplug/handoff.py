@@ -1,0 +1,115 @@
+"""mount.efs handing the work before the kernel mount to a resident efsplug (client side).
+
+A short-lived mount.efs spends most of its time starting Python and importing what a
+mount needs. When an efsplug agent or supervisor runs, it has all of that loaded (and the
+private key read), so mount.efs sends it its command line and environment over a root-only
+socket; the resident process runs efsplug.mount.prepare_mount exactly as mount.efs would
+(options, config, mount target, credentials, certificate, tunnel, record) and answers
+with the mount.nfs4 run to make. mount.efs then runs mount.nfs4 itself, in its own mount
+and network namespace. Whenever the resident process cannot be asked, or says it cannot
+serve this caller (other namespaces, CloudWatch Logs on), mount.efs does it all itself.
+
+This module imports only the standard library's lightest parts: it runs before anything
+else in mount.efs. The protocol: one JSON object each way, newline-terminated, bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from typing import Dict, List, Mapping, Optional
+
+DEFAULT_SOCKET = "/run/efsplug/mount.sock"
+SOCKET_ENV = "EFSPLUG_MOUNT_SOCKET"
+MAX_MESSAGE = 64 * 1024
+VERSION = 1
+# The prepare step's own bounds (mount target 16 s, credentials 6 s, tunnel 10 s, ...) are
+# well inside this; past it the resident process is hung, and mount.efs goes it alone.
+ANSWER_TIMEOUT = 60.0
+CONNECT_TIMEOUT = 1.0
+
+
+class ProtocolError(ValueError):
+    """A message that is not one: too big, not JSON, not an object."""
+
+
+def socket_path(environ: Mapping[str, str]) -> str:
+    return environ.get(SOCKET_ENV) or DEFAULT_SOCKET
+
+
+def namespaces(pid: str = "self") -> Dict[str, int]:
+    """The mount and network namespaces of pid: the resident process serves only its own."""
+    return {ns: os.stat(f"/proc/{pid}/ns/{ns}").st_ino for ns in ("mnt", "net")}
+
+
+def passed_environment(environ: Mapping[str, str]) -> Dict[str, str]:
+    """What prepare_mount reads from the environment: AWS_*, EFSPLUG_* and HOME (profiles)."""
+    return {k: v for k, v in environ.items() if k.startswith(("AWS_", "EFSPLUG_")) or k == "HOME"}
+
+
+def encode(message: dict) -> bytes:
+    data = json.dumps(message, separators=(",", ":")).encode() + b"\n"
+    if len(data) > MAX_MESSAGE:
+        raise ProtocolError(f"message of {len(data)} bytes, more than {MAX_MESSAGE}")
+    return data
+
+
+def decode(data: bytes) -> dict:
+    if len(data) > MAX_MESSAGE:
+        raise ProtocolError(f"message of {len(data)} bytes, more than {MAX_MESSAGE}")
+    try:
+        message = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise ProtocolError("not a JSON message") from None
+    if not isinstance(message, dict):
+        raise ProtocolError("not a JSON object")
+    return message
+
+
+def read_message(sock: socket.socket, deadline: float) -> dict:
+    """One newline-terminated message, read by the deadline (socket.timeout past it)."""
+    chunks: List[bytes] = []
+    size = 0
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout("no complete message in time")
+        sock.settimeout(remaining)
+        chunk = sock.recv(MAX_MESSAGE + 1 - size)
+        if not chunk:
+            raise ProtocolError("connection closed before a complete message")
+        chunks.append(chunk)
+        size += len(chunk)
+        if chunk.endswith(b"\n"):
+            return decode(b"".join(chunks))
+        if size > MAX_MESSAGE:
+            raise ProtocolError(f"message longer than {MAX_MESSAGE} bytes")
+
+
+def request_prepare(argv: List[str], environ: Mapping[str, str] = os.environ) -> Optional[dict]:
+    """The resident process's answer for this mount, or None: do it all here.
+
+    An answer is {"ok": true, ...the prepared mount...} or {"ok": false, "error", "exit"}
+    (the mount failed there: report it, as mount.efs would have).
+    """
+    path = socket_path(environ)
+    if not os.path.exists(path):
+        return None  # no agent or supervisor: the usual case on a plain host
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(CONNECT_TIMEOUT)
+        sock.connect(path)
+        sock.sendall(encode({"v": VERSION, "argv": list(argv), "env": passed_environment(environ),
+                             "ns": namespaces(), "pid": os.getpid()}))
+        answer = read_message(sock, time.monotonic() + ANSWER_TIMEOUT)
+    except (OSError, ProtocolError):
+        # Gone, refused, hung or garbled: what it may have made for us, it undoes itself
+        # when the answer cannot be delivered; a record left by a crash is the supervisor's.
+        return None
+    finally:
+        sock.close()
+    if answer.get("v") != VERSION or not answer.get("handled"):
+        return None
+    return answer

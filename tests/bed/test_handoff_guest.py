@@ -1,0 +1,76 @@
+"""`mount -t efs` prepared by the resident efsplug (efsplug.handoff), in the real kernel guest.
+
+With `efsplug supervise` running, mount.efs sends it its command line; the supervisor
+makes the tunnel, certificate and record, and mount.efs runs mount.nfs4. The mounts must
+be the same as mount.efs makes alone: I/O lands in the right export, the endpoint sees
+the right identity and access point, and a mount that fails leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from efsbed.bed import Bed
+from efsbed.guestmount import NOTHING_LEFT, accepted_as, leftovers, write_and_find
+from efsbed.procs import wait_until
+from test_supervisor_guest import configure, record_of, records, supervisors, tunnel_pids, umount  # noqa: F401
+
+pytestmark = pytest.mark.guest
+
+SOCKET = "/run/efsplug/mount.sock"
+
+
+def mount_v(bed: Bed, mountpoint: str, options: str):
+    bed.run(["mkdir", "-p", mountpoint])
+    return bed.run(["mount", "-t", "efs", "-v", bed.fs_id, mountpoint, "-o", options], timeout=60)
+
+
+def test_mounts_prepared_by_the_supervisor(configure, supervisors, clean_guest: Bed) -> None:
+    bed = clean_guest
+    configure()
+    sup = supervisors()
+    assert bed.run(["test", "-S", SOCKET]).rc == 0 and f"serving mount.efs at {SOCKET}" in sup.log()
+    ap = bed.access_points[0]
+    before = len(bed.endpoint.connection_events())
+    tls = mount_v(bed, "/mnt/handed-tls", "tls")
+    try:
+        assert tls.rc == 0, tls.stderr
+        assert f"prepared by efsplug pid {sup.pid}" in tls.stdout, tls.stdout
+        write_and_find(bed, "/mnt/handed-tls", bed.export_dir)
+        accepted_as(bed, before, key=None, access_point=None)
+        before = len(bed.endpoint.connection_events())
+        iam = mount_v(bed, "/mnt/handed-ap", f"tls,iam,accesspoint={ap.id}")
+        assert iam.rc == 0, iam.stderr
+        assert f"prepared by efsplug pid {sup.pid}" in iam.stdout, iam.stdout
+        write_and_find(bed, "/mnt/handed-ap", ap.export_dir)
+        accepted_as(bed, before, key=bed.imds.role_credentials.access_key_id, access_point=ap.id)
+        # The tunnels are the supervisor's children, and their records its to reap.
+        for point in ("/mnt/handed-tls", "/mnt/handed-ap"):
+            pid = record_of(bed, point)["tunnel"]["pid"]
+            assert bed.run(["sh", "-c", f"ps -o ppid= -p {pid}"]).stdout.strip() == str(sup.pid)
+    finally:
+        for point in ("/mnt/handed-tls", "/mnt/handed-ap"):
+            if bed.run(["mountpoint", "-q", point]).rc == 0:
+                umount(bed, point)
+    wait_until(lambda: not records(bed) and not tunnel_pids(bed), 20, "both reaped")
+
+
+def test_a_handed_mount_that_fails_leaves_nothing(configure, supervisors, clean_guest: Bed) -> None:
+    """The endpoint refuses an access point it does not know: mount.nfs4 fails after the
+    supervisor made tunnel, certificate and record, and mount.efs releases them."""
+    bed = clean_guest
+    configure()
+    sup = supervisors()
+    res = mount_v(bed, "/mnt/handed-bad", "tls,iam,accesspoint=fsap-0123456789abcdef0")
+    assert res.rc == 32, res.stderr
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mount.efs: mount.nfs4 failed"), res.stderr
+    assert "prepared by efsplug" not in res.stdout
+    left = leftovers(bed)
+    # The supervisor's own lock; the stopped tunnel, a zombie until its parent (the
+    # supervisor) next reaps a child, is not running: only running stunnels count.
+    running = bed.run(["sh", "-c", "ps -eo stat=,comm= | awk '$2 == \"stunnel\" && $1 !~ /^Z/'"]).stdout
+    assert running == "" and left["state"] == ["supervisor.lock"]
+    assert {k: v for k, v in left.items() if k not in ("tunnels", "state")} == \
+        {k: v for k, v in NOTHING_LEFT.items() if k not in ("tunnels", "state")}
+    assert "Traceback" not in sup.log()

@@ -1,0 +1,124 @@
+"""mount.efs handing its preparation to a resident efsplug (efsplug.mountservice), on the host.
+
+The host kernel has no NFS client, so every mount here fails at mount.nfs4, after the
+tunnel started: exactly the point where a handed-off mount must undo what the resident
+process made for it. The real stunnel is wrapped to record its pid and parent: a tunnel
+whose parent is this test process was started by the service (which runs in it), one
+whose parent is mount.efs was started in process. The guest test proves the mount itself.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import threading
+from pathlib import Path
+from typing import Iterator, List, Tuple
+
+import pytest
+
+from efsbed.bed import MOUNT_EFS
+from efsplug import handoff
+from efsplug.mountservice import MountService
+from test_mount_host import (  # noqa: F401 - fixtures
+    Host, ca, host, mount_args, nothing_left, refused, traced_stunnel,
+)
+
+TLS = "tls,mounttargetip=127.0.0.1"
+NO_NFS = "mount.nfs4 failed: mount.nfs4: No such device; this kernel has no NFS client"
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "run" / "mount.sock"
+    started = MountService.start_at(path)
+    assert started is not None
+    yield path
+    started.stop()
+    assert not path.exists()
+
+
+def tunnels(started: Path) -> List[Tuple[int, int]]:
+    return [(int(a), int(b)) for a, b in (line.split() for line in started.read_text().splitlines())]
+
+
+def test_handed_off_mount_fails_as_in_process_and_leaves_nothing(host: Host, traced_stunnel: Path, service: Path) -> None:
+    alone = host.run(mount_args(host, TLS))
+    line = refused(alone, 32, NO_NFS)
+    nothing_left(host)
+    handed = host.run(mount_args(host, TLS), env={handoff.SOCKET_ENV: str(service)})
+    assert refused(handed, 32, NO_NFS) == line  # the same one line, whoever prepared the mount
+    (first, _), (second, parent) = tunnels(traced_stunnel)
+    assert parent == os.getpid()  # started by the service, not by mount.efs
+    nothing_left(host)  # mount.efs released the service's tunnel, record and directory
+
+
+def test_iam_and_access_point_through_the_service_leave_nothing(host: Host, traced_stunnel: Path, service: Path) -> None:
+    (host.root / "home" / ".aws").mkdir()
+    (host.root / "home" / ".aws" / "credentials").write_text(
+        "[default]\naws_access_key_id = AKIAEFSBEDHOST000000\naws_secret_access_key = not-a-real-secret\n")
+    options = "tls,iam,awsprofile=default,accesspoint=fsap-0123456789abcdef0,mounttargetip=127.0.0.1"
+    res = host.run(mount_args(host, options), env={handoff.SOCKET_ENV: str(service)})
+    refused(res, 32, NO_NFS)
+    assert "not-a-real-secret" not in res.stderr
+    assert [parent for _, parent in tunnels(traced_stunnel)] == [os.getpid()]
+    nothing_left(host)
+    assert (host.state_dir / "privateKey.pem").stat().st_mode & 0o777 == 0o400
+
+
+@pytest.mark.parametrize("options, message", [
+    ("tls,accesspoint=fsap-123,mounttargetip=127.0.0.1", "option 'accesspoint' value 'fsap-123' is invalid"),
+    ("tls,iam,awsprofile=nope,mounttargetip=127.0.0.1", "profile 'nope'"),
+])
+def test_refusals_come_back_as_the_same_one_line(host: Host, service: Path, options: str, message: str) -> None:
+    alone = host.run(mount_args(host, options))
+    handed = host.run(mount_args(host, options), env={handoff.SOCKET_ENV: str(service)})
+    assert handed.returncode == alone.returncode and handed.stderr == alone.stderr
+    refused(handed, alone.returncode, message)
+    nothing_left(host)
+
+
+def test_another_mount_namespace_is_served_in_process(host: Host, traced_stunnel: Path, service: Path) -> None:
+    argv = ["unshare", "--mount", "--propagation", "private", "env", f"{handoff.SOCKET_ENV}={service}",
+            f"EFSPLUG_CONFIG={host.config}", f"HOME={host.root / 'home'}", "AWS_EC2_METADATA_DISABLED=true",
+            str(MOUNT_EFS), *mount_args(host, TLS)]
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    refused(res, 32, NO_NFS)
+    assert [parent for _, parent in tunnels(traced_stunnel)] != [os.getpid()]  # mount.efs started its own
+    nothing_left(host)
+
+
+def _garbling_server(path: Path, answer: bytes) -> Tuple[socket.socket, threading.Thread]:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(4)
+
+    def serve() -> None:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        with conn:
+            conn.recv(65536)
+            conn.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return listener, thread
+
+
+@pytest.mark.parametrize("answer", [b"garbage\n", b'{"v": 1, "handled": true, "ok": true}', b""],
+                         ids=["not-json", "cut-short", "closed"])
+def test_a_broken_resident_process_means_mount_efs_does_it_itself(host: Host, traced_stunnel: Path, tmp_path: Path,
+                                                                   answer: bytes) -> None:
+    path = tmp_path / "broken.sock"
+    listener, thread = _garbling_server(path, answer)
+    try:
+        res = host.run(mount_args(host, TLS), env={handoff.SOCKET_ENV: str(path)})
+    finally:
+        listener.close()
+        thread.join(5)
+    refused(res, 32, NO_NFS)
+    assert [parent for _, parent in tunnels(traced_stunnel)] != [os.getpid()]
+    nothing_left(host)

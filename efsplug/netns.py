@@ -8,7 +8,6 @@ function; the namespace file is opened (and errors reported) in the parent, befo
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import os
 import stat
@@ -75,6 +74,8 @@ def setns_function() -> Callable[[int, int], None]:
     """setns(2): os.setns on Python >= 3.12, else libc through ctypes (resolved before any fork)."""
     if hasattr(os, "setns"):
         return os.setns  # type: ignore[attr-defined]
+    import ctypes  # here: only namespace mounts need it, and mount.efs imports this module
+
     libc_setns = ctypes.CDLL(None, use_errno=True).setns
 
     def setns(fd: int, nstype: int) -> None:

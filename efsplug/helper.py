@@ -32,17 +32,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     from efsplug import handoff
 
-    answer = handoff.request_prepare(args)
+    interrupt.arm()  # from here a signal undoes whatever was made, and mount.efs exits
+    try:
+        answer = handoff.request_prepare(args)
+    except EfsplugError as exc:  # a signal while the resident efsplug works: it undoes what it made
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return exc.exit_code
     if answer is not None:
         return _finish_handed(answer)
-    # The mount machinery is imported only when a mount is asked for, and mount.efs does it all.
-    from efsplug.config import load_config
-    from efsplug.mount import Timings, mount_efs
-    from efsplug.options import parse_mount_args
-
     sink: Optional[LogSink] = None
     request: Optional[MountRequest] = None
     try:
+        # The mount machinery is imported only when a mount is asked for, and mount.efs does it all.
+        from efsplug.config import load_config
+        from efsplug.mount import Timings, mount_efs
+        from efsplug.options import parse_mount_args
+
         request = parse_mount_args(args)
         loaded = load_config()
         for warning in loaded.warnings:

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import pytest
 
+import threading
+from typing import List
+
 from efsbed.bed import Bed
-from efsbed.guestmount import NOTHING_LEFT, accepted_as, leftovers, write_and_find
+from efsbed.faulty import SilentServer
+from efsbed.guestmount import NOTHING_LEFT, accepted_as, leftovers, mount, sh, write_and_find
 from efsbed.procs import wait_until
 from test_supervisor_guest import configure, record_of, records, supervisors, tunnel_pids, umount  # noqa: F401
 
@@ -66,11 +70,42 @@ def test_a_handed_mount_that_fails_leaves_nothing(configure, supervisors, clean_
     lines = res.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("mount.efs: mount.nfs4 failed"), res.stderr
     assert "prepared by efsplug" not in res.stdout
+    nothing_running_left(bed)
+    assert "Traceback" not in sup.log()
+
+
+def nothing_running_left(bed: Bed) -> None:
+    """NOTHING_LEFT, but for the supervisor's own lock and the stopped tunnel, a zombie until
+    its parent (the supervisor) next reaps a child: only running stunnels count."""
     left = leftovers(bed)
-    # The supervisor's own lock; the stopped tunnel, a zombie until its parent (the
-    # supervisor) next reaps a child, is not running: only running stunnels count.
     running = bed.run(["sh", "-c", "ps -eo stat=,comm= | awk '$2 == \"stunnel\" && $1 !~ /^Z/'"]).stdout
-    assert running == "" and left["state"] == ["supervisor.lock"]
+    assert running == "" and left["state"] == ["supervisor.lock"], left
     assert {k: v for k, v in left.items() if k not in ("tunnels", "state")} == \
         {k: v for k, v in NOTHING_LEFT.items() if k not in ("tunnels", "state")}
-    assert "Traceback" not in sup.log()
+
+
+def test_a_handed_mount_stopped_part_way_leaves_nothing(configure, supervisors, clean_guest: Bed) -> None:
+    """SIGTERM while mount.nfs4 waits on a silent server: mount.efs releases what the
+    supervisor made for it (tunnel, port, record, directory) and says so in one line."""
+    bed = clean_guest
+    configure()
+    sup = supervisors()
+    real = bed.endpoint.routes
+    result: List[object] = []
+    with SilentServer() as silent:
+        try:
+            bed.endpoint.reconfigure(routes={**real, None: silent.port})
+            mounting = threading.Thread(target=lambda: result.append(mount(bed, "/mnt/handed-killed", "tls")))
+            mounting.start()
+            assert silent.first_accepted.wait(60), "mount.nfs4 never reached the server"
+            (made,) = records(bed)  # by the supervisor, for this mount.efs
+            assert bed.run(["ps", "-o", "ppid=", "-p", str(made["tunnel"]["pid"])]).stdout.strip() == str(sup.pid)
+            sh(bed, "pkill -TERM -f '[m]ount.efs '")
+            mounting.join(60)
+        finally:
+            bed.endpoint.reconfigure(routes=real)
+    (res,) = result
+    assert res.rc == 32, res  # type: ignore[attr-defined]
+    assert res.stderr.splitlines()[-1] == (  # type: ignore[attr-defined]
+        "mount.efs: interrupted by SIGTERM; what the mount had made is removed")
+    nothing_running_left(bed)

@@ -9,15 +9,12 @@ is the most common reason a mount hangs, and it deserves its own error.
 from __future__ import annotations
 
 import os
-import queue
 import socket
-import threading
 from dataclasses import dataclass
-from typing import Callable, List, Mapping, Optional, Tuple, TypeVar
+from typing import Callable, List, Mapping, Optional
 
+from efsplug.bounded import within
 from efsplug.errors import MountFailure
-
-T = TypeVar("T")
 
 NFS_PORT = 2049
 CONNECT_CHECK_SECONDS = 3.0
@@ -76,30 +73,6 @@ def _port_answers(ip: str) -> bool:
         return False
 
 
-def _within(seconds: float, call: Callable[[], T]) -> T:
-    """call() in a daemon thread, given up on (TimeoutError) after seconds in all.
-
-    botocore's timeouts are per socket read: an endpoint trickling a byte now and then
-    would hold the caller for ever. Given up on, the thread is left to end on its own.
-    """
-    done: "queue.Queue[Tuple[bool, object]]" = queue.Queue(maxsize=1)
-
-    def run() -> None:
-        try:
-            done.put((True, call()))
-        except BaseException as exc:  # handed to the caller, raised there
-            done.put((False, exc))
-
-    threading.Thread(target=run, name="efsplug-api-call", daemon=True).start()
-    try:
-        ok, value = done.get(timeout=seconds)
-    except queue.Empty:
-        raise TimeoutError(f"no answer within {seconds:g}s") from None
-    if not ok:
-        raise value  # type: ignore[misc]
-    return value  # type: ignore[return-value]
-
-
 def _mount_target_from_api(fs_id: str, region: str, az_id: Optional[str], dns_name: str) -> str:
     import botocore.config
     import botocore.exceptions
@@ -111,7 +84,7 @@ def _mount_target_from_api(fs_id: str, region: str, az_id: Optional[str], dns_na
                                     retries={"max_attempts": API_ATTEMPTS, "mode": "standard"})
     try:
         client = botocore.session.get_session().create_client("efs", region_name=region, config=config)
-        targets = _within(API_DEADLINE, lambda: client.describe_mount_targets(FileSystemId=fs_id)["MountTargets"])
+        targets = within(API_DEADLINE, lambda: client.describe_mount_targets(FileSystemId=fs_id)["MountTargets"])
     except TimeoutError:
         raise MountFailure(f"cannot resolve {dns_name}, and the EFS API did not answer DescribeMountTargets within "
                            f"{API_DEADLINE:g}s; pass mounttargetip=<ip>") from None

@@ -3,6 +3,7 @@
     with SilentServer() as s:      # accepts, reads, never answers
     with TrickleServer() as t:     # an HTTP answer that never ends: one header byte at a time
     with HugeAnswer() as h:        # an HTTP answer with an endless body
+    with JsonAnswer(403, {...}, "AccessDeniedException") as j:  # one scripted JSON answer, always
 
 Each runs in daemon threads and is stopped (listener and connections closed) on exit.
 """
@@ -101,3 +102,37 @@ class HugeAnswer(_Server):
         chunk = b"x" * 65536
         while not self._stopping.is_set():
             conn.sendall(chunk)
+
+
+class JsonAnswer(_Server):
+    """Every request gets the same answer: status, JSON body, and an AWS error type header
+    when given (as the rest-json services send errors). Keep-alive, as botocore expects."""
+
+    def __init__(self, status: int, body: dict, error_type: str = "") -> None:
+        super().__init__()
+        import json
+
+        self.body = json.dumps(body).encode()
+        head = f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {len(self.body)}\r\n"
+        if error_type:
+            head += f"x-amzn-ErrorType: {error_type}\r\n"
+        self.head = (head + "\r\n").encode()
+
+    def handle(self, conn: socket.socket) -> None:
+        buffered = b""
+        while True:
+            while b"\r\n\r\n" not in buffered:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                buffered += chunk
+            head, _, buffered = buffered.partition(b"\r\n\r\n")
+            length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), 0)
+            while len(buffered) < length:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                buffered += chunk
+            buffered = buffered[length:]
+            conn.sendall(self.head + self.body)

@@ -4,6 +4,7 @@ for the failures moto does not produce (IAM, limits, a stall, an access point st
 
 from __future__ import annotations
 
+import re
 import secrets
 from typing import Iterator
 
@@ -49,6 +50,7 @@ def test_two_volumes_get_two_access_points_with_the_lowest_free_gids(moto: MotoS
     first = aps.create(request_for(aps, fs_id, "vol-a"))
     second = aps.create(request_for(aps, fs_id, "vol-b"))
     assert first != second
+    assert re.fullmatch(r"fsap-[0-9a-f]{17}", first), first  # as EFS makes them (the bed's moto)
     found = {provisioning.volume_of(ap): ap for ap in aps.list(fs_id)}
     assert set(found) == {"vol-a", "vol-b"}
     assert found["vol-a"]["PosixUser"] == {"Uid": 50000, "Gid": 50000}
@@ -68,6 +70,20 @@ def test_a_repeated_create_and_a_create_after_a_lost_state_write_give_one_access
     assert aps.create(request_for(aps, fs_id, "vol-retried")) == made  # a retried Create: adopted again
     mine = [ap for ap in aps.list(fs_id) if provisioning.volume_of(ap) == "vol-retried"]
     assert [ap["AccessPointId"] for ap in mine] == [made]
+
+
+def test_the_client_token_alone_makes_create_idempotent(moto: MotoServer, fs_id: str) -> None:
+    aps = AccessPoints(REGION, endpoint_url=moto.endpoint_url)
+    arguments = request_for(aps, fs_id, "vol-token").api_arguments()
+    efs = client("efs", moto.endpoint_url, REGION)
+    assert efs.create_access_point(**arguments)["AccessPointId"] == efs.create_access_point(**arguments)["AccessPointId"]
+
+
+def test_an_unknown_file_system_is_named(moto: MotoServer) -> None:
+    aps = AccessPoints(REGION, endpoint_url=moto.endpoint_url)
+    with pytest.raises(AccessPointError, match="CreateAccessPoint failed .FileSystemNotFound.: file system "
+                                               "fs-0000000000000000a does not exist in region us-east-1"):
+        aps.create(request_for(aps, "fs-0000000000000000a", "vol-x"))
 
 
 def test_delete_is_idempotent(moto: MotoServer, fs_id: str) -> None:

@@ -52,10 +52,9 @@ class MotoServer(procs.Service):
     def start(self) -> "MotoServer":
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._port = procs.free_port()
-        moto_server = Path(sys.executable).parent / "moto_server"
-        env = {**os.environ, **DUMMY_ENV}
-        self._process = procs.start(
-            "moto", [str(moto_server), "-H", "127.0.0.1", "-p", str(self._port)],
+        env = {**os.environ, **DUMMY_ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        self._process = procs.start(  # moto's server, with EFS's access point behaviour (moto_efs)
+            "moto", [sys.executable, "-m", "efsbed.moto_efs", "-H", "127.0.0.1", "-p", str(self._port)],
             tag=self.tag, log=self.workdir / "moto.log", env=env,
         )
         try:

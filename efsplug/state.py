@@ -359,7 +359,7 @@ def _is_path_text(value: object) -> bool:
 def _validate(record: MountRecord) -> None:
     """Types and shapes, so a record is trustworthy once loaded (or before it is named)."""
     if not isinstance(record.fs_id, str) or not _FS_ID.fullmatch(record.fs_id):
-        raise StateError(f"fs_id {record.fs_id!r} is not a file system id (fs-<8 or 17 hex>)")
+        raise StateError(f"fs_id {shown(record.fs_id)} is not a file system id (fs-<8 or 17 hex>)")
     for name in ("mountpoint", "path"):
         value = getattr(record, name)
         if not _is_path_text(value) or not value.startswith("/"):

@@ -15,7 +15,7 @@ import os
 import threading
 import sys
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from types import MappingProxyType
@@ -25,10 +25,12 @@ from efsplug.agent import protocol
 from efsplug.agent.mounter import EfsMounter, HelperMounter, Mounter, TypeMounter
 from efsplug.agent.othertypes import FS_TYPE
 from efsplug.agent.protocol import CreateRequest, MountIdRequest, NameRequest, ProtocolError
+from efsplug.agent.provisioner import AccessPointProvisioner, Provisioner
 from efsplug.agent.store import Store
 from efsplug.agent.volumes import (
     LockTable, Volume, mounted_with, new_volume, same_definition, unmount_step, unmounted,
 )
+from efsplug.config import load_config
 from efsplug.errors import EfsplugError, UsageError, shown
 
 MOUNTPOINT_MODE = 0o700
@@ -55,6 +57,7 @@ class Plugin:
         *,
         mounter: Optional[Mounter] = None,
         type_mounter: Optional[TypeMounter] = None,
+        provisioner: Optional[Provisioner] = None,
         initial: Mapping[str, Volume] = MappingProxyType({}),
         clock: Callable[[], str] = _now,
     ) -> None:
@@ -62,6 +65,9 @@ class Plugin:
         self.volumes_root = Path(volumes_root)
         self.mounter: Mounter = mounter if mounter is not None else EfsMounter()  # type=efs
         self.type_mounter: TypeMounter = type_mounter if type_mounter is not None else HelperMounter()  # the rest
+        # Access points on demand (provision=accesspoint): EFS's API with the host's credentials.
+        self.provisioner: Provisioner = provisioner if provisioner is not None else AccessPointProvisioner(
+            getattr(self.mounter, "config", lambda: load_config().config))
         self._clock = clock
         self._volumes: Mapping[str, Volume] = MappingProxyType(dict(initial))
         self._locks = LockTable()
@@ -163,7 +169,23 @@ class Plugin:
                 raise UsageError(
                     f"volume {shown(name)} already exists with different options; remove it or choose another name"
                 )
+            if volume.provision:
+                # Made (or adopted: a retry after a crash before the commit) before the volume
+                # is recorded; if recording fails, deleted again: a failed Create leaves nothing.
+                volume = replace(volume, access_point=self.provisioner.create(volume))
+                try:
+                    self._commit(name, volume)
+                except BaseException:
+                    self._delete_access_point_quietly(volume)
+                    raise
+                return
             self._commit(name, volume)
+
+    def _delete_access_point_quietly(self, volume: Volume) -> None:
+        try:
+            self.provisioner.delete(volume)
+        except Exception as exc:
+            print(f"create {volume.name}: could not delete access point {volume.access_point}: {exc}", flush=True)
 
     def mount(self, name: str, mount_id: str) -> str:
         with self._locks.hold(name):
@@ -230,6 +252,9 @@ class Plugin:
                 pass
             except OSError as exc:  # not empty or still busy: keep it, say so
                 print(f"remove {name}: mountpoint kept ({exc.strerror})", flush=True)
+            spec = volume.provision_spec
+            if volume.access_point and spec is not None and spec.on_remove != "keep":
+                self.provisioner.delete(volume)  # fails: the volume stays, for Remove to be retried
             self._commit(name, None)
 
     def release_leftovers(self) -> List[str]:

@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
 from efsplug.agent.othertypes import FS_TYPE, TYPES
+from efsplug.agent.provisioning import PROVISION_OPTS
 from efsplug.agent.protocol import VOLUME_NAME_RE, MOUNT_ID_RE
 from efsplug.agent.volumes import Volume
 from efsplug.errors import EfsplugError
 from efsplug.fsutil import atomic_write
 from efsplug.state import StateError, parse_json, read_bounded
+
+ACCESS_POINT_RE = re.compile(r"fsap-[0-9a-f]{17}")
 
 FORMAT_VERSION = 1
 MAX_STATE_BYTES = 32 * 1024 * 1024  # some 50,000 volumes; a bigger file is not ours
@@ -54,6 +58,7 @@ def encode(volumes: Mapping[str, Volume]) -> bytes:
 def _volume_dict(volume: Volume) -> Dict[str, Any]:
     data = asdict(volume)
     data["refs"] = dict(volume.refs)
+    data["provision"] = dict(volume.provision)
     del data["name"]  # the key
     return data
 
@@ -91,10 +96,17 @@ def _volume(name: str, item: object) -> Volume:
     fs_type = item.get("fs_type", FS_TYPE)  # absent in files written before other types existed
     if fs_type not in TYPES:
         raise CorruptState(f"volume {name}: 'fs_type' is not one of {', '.join(TYPES)}")
+    provision = item.get("provision") or {}  # absent in files written before access points on demand
+    if not isinstance(provision, dict) or not all(
+            k in PROVISION_OPTS and isinstance(v, str) and len(v) <= 256 for k, v in provision.items()):
+        raise CorruptState(f"volume {name}: 'provision' must map provisioning options to strings")
+    access_point = item.get("access_point")
+    if access_point is not None and not (isinstance(access_point, str) and ACCESS_POINT_RE.fullmatch(access_point)):
+        raise CorruptState(f"volume {name}: 'access_point' is not an access point id")
     return Volume(
         name=name, device=item["device"], options=item["options"], mountpoint=item["mountpoint"],
         created_at=item["created_at"], mounted=item.get("mounted", False), refs=tuple(sorted(refs.items())),
-        fs_type=fs_type,
+        fs_type=fs_type, provision=tuple(sorted(provision.items())), access_point=access_point,
     )
 
 

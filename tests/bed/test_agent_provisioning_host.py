@@ -1,0 +1,114 @@
+"""`efsplug agent` making access points on demand, over its socket, against moto (the bed's
+EFS API): Create makes or adopts the volume's access point, Remove deletes it, a retried
+Create and an agent restarted after a kill make no second one. The mounts through such
+an access point need the kernel guest."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+from pathlib import Path
+from typing import Dict, Iterator, List
+
+import pytest
+
+from efsbed import procs
+from efsbed.agent_harness import AgentProcess, PluginClient, start_agent
+from efsbed.aws import DUMMY_ENV, MotoServer, client
+from efsplug.agent import provisioning
+
+REGION = "us-east-1"
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    with MotoServer(tmp_path_factory.mktemp("moto"), tag=procs.new_tag()) as server:
+        yield server
+
+
+@pytest.fixture
+def fs_id(moto: MotoServer) -> str:
+    return client("efs", moto.endpoint_url, REGION).create_file_system(CreationToken=secrets.token_hex(8))[
+        "FileSystemId"]
+
+
+@pytest.fixture
+def env(moto: MotoServer) -> Dict[str, str]:
+    return {**os.environ, **DUMMY_ENV, "AWS_REGION": REGION, "AWS_ENDPOINT_URL_EFS": moto.endpoint_url,
+            "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}
+
+
+@pytest.fixture
+def tag() -> Iterator[str]:
+    t = procs.new_tag()
+    yield t
+    for p in procs.tagged_processes(t):
+        p.kill()
+
+
+def volume_aps(moto: MotoServer, fs_id: str, volume: str) -> List[dict]:
+    aps = client("efs", moto.endpoint_url, REGION).describe_access_points(FileSystemId=fs_id)["AccessPoints"]
+    return [ap for ap in aps if provisioning.volume_of(ap) == volume]
+
+
+def opts(fs_id: str, **more: str) -> Dict[str, str]:
+    return {"type": "efs", "device": fs_id, "o": "tls,iam", "provision": "accesspoint", **more}
+
+
+def test_create_get_remove_over_the_socket(moto: MotoServer, fs_id: str, env: Dict[str, str], tmp_path: Path,
+                                           tag: str) -> None:
+    agent = start_agent(tmp_path, tag=tag, env=env)
+    try:
+        with PluginClient(agent.socket_path) as c:
+            assert c.call("VolumeDriver.Get", {"Name": "ecs-web-1-data-ab"}).body["Err"] != ""  # dockerd asks first
+            assert c.call("VolumeDriver.Create", {"Name": "ecs-web-1-data-ab", "Opts": opts(fs_id)}).body == {"Err": ""}
+            (made,) = volume_aps(moto, fs_id, "ecs-web-1-data-ab")
+            assert made["RootDirectory"]["Path"] == "/ecs-web-1-data-ab" and made["PosixUser"]["Gid"] == 50000
+            status = c.call("VolumeDriver.Get", {"Name": "ecs-web-1-data-ab"}).body["Volume"]["Status"]
+            assert status["AccessPoint"] == made["AccessPointId"]
+            assert c.call("VolumeDriver.Create", {"Name": "ecs-web-1-data-ab", "Opts": opts(fs_id)}).body == {"Err": ""}
+            assert len(volume_aps(moto, fs_id, "ecs-web-1-data-ab")) == 1  # a retried Create makes no second
+            assert c.call("VolumeDriver.Remove", {"Name": "ecs-web-1-data-ab"}).body == {"Err": ""}
+            assert volume_aps(moto, fs_id, "ecs-web-1-data-ab") == []  # task-scoped: nothing left
+    finally:
+        agent.proc.stop()
+
+
+def test_an_access_point_left_by_a_killed_agent_is_adopted(moto: MotoServer, fs_id: str, env: Dict[str, str],
+                                                            tmp_path: Path, tag: str) -> None:
+    # What an agent SIGKILLed right after CreateAccessPoint leaves: the access point, tagged with
+    # the volume, and no record of it in the agent's state.
+    spec = provisioning.parse({"provision": "accesspoint"})
+    left = client("efs", moto.endpoint_url, REGION).create_access_point(
+        **provisioning.build_request(spec, fs_id=fs_id, volume="v-crashed", used_gids=[]).api_arguments())
+    agent = start_agent(tmp_path, tag=tag, env=env, name="agent1")
+    try:
+        with PluginClient(agent.socket_path) as c:  # dockerd (or ECS) retries the Create
+            assert c.call("VolumeDriver.Create", {"Name": "v-crashed", "Opts": opts(fs_id)}).body == {"Err": ""}
+            status = c.call("VolumeDriver.Get", {"Name": "v-crashed"}).body["Volume"]["Status"]
+        assert status["AccessPoint"] == left["AccessPointId"]
+        assert [ap["AccessPointId"] for ap in volume_aps(moto, fs_id, "v-crashed")] == [left["AccessPointId"]]
+        os.kill(agent.proc.pid, signal.SIGKILL)  # and again, after the state was written
+        agent.proc.popen.wait(10)
+    finally:
+        agent.proc.stop()
+    second = start_agent(tmp_path, tag=tag, env=env, name="agent2")
+    try:
+        with PluginClient(second.socket_path) as c:
+            assert c.call("VolumeDriver.Remove", {"Name": "v-crashed"}).body == {"Err": ""}
+        assert volume_aps(moto, fs_id, "v-crashed") == []
+    finally:
+        second.proc.stop()
+
+
+def test_a_refused_create_is_one_err_and_records_nothing(moto: MotoServer, env: Dict[str, str], tmp_path: Path,
+                                                         tag: str) -> None:
+    agent = start_agent(tmp_path, tag=tag, env=env)
+    try:
+        with PluginClient(agent.socket_path) as c:
+            err = c.call("VolumeDriver.Create", {"Name": "v", "Opts": opts("fs-0000000000000000a")}).body["Err"]
+            assert "FileSystemNotFound" in err and "does not exist in region us-east-1" in err and "\n" not in err
+            assert c.call("VolumeDriver.List", {}).body["Volumes"] == []
+    finally:
+        agent.proc.stop()

@@ -303,19 +303,32 @@ class Tunnel:
                 return True
             except subprocess.TimeoutExpired:
                 return False
-        # Not our child (another efsplug process started it): a pidfd becomes readable when
-        # it exits. Its parent reaps it; until then it is a zombie, which counts as gone.
+        # No Popen of ours (found again from a record): a pidfd becomes readable when it
+        # exits. A zombie counts as gone; if it is our own child, it is reaped here.
         try:
             fd = os.pidfd_open(self.identity.pid)
         except ProcessLookupError:
             return True
         try:
-            if not self.identity.running():  # checked after opening: the fd is of this very process
-                return True
-            ready, _, _ = select.select([fd], [], [], timeout)
-            return bool(ready) or not self.identity.running()
+            if self.identity.running():  # checked after opening: the fd is of this very process
+                ready, _, _ = select.select([fd], [], [], timeout)
+                if not ready and self.identity.running():
+                    return False
+            self._reap_if_ours()
+            return True
         finally:
             os.close(fd)
+
+    def _reap_if_ours(self) -> None:
+        """waitpid the tunnel's zombie if this process started it (the agent's mounts): only
+        that zombie, identified by its start time, so no other child's status is taken."""
+        found = procinfo.facts(self.identity.pid)
+        if found is None or not found.zombie or abs(found.create_time - self.identity.create_time) >= _CREATE_TIME_TOLERANCE:
+            return
+        try:
+            os.waitpid(self.identity.pid, os.WNOHANG)
+        except ChildProcessError:
+            pass  # another process's child: its parent reaps it
 
 
 def _wait_listening(popen: "subprocess.Popen[bytes]", port: int, timeout: float, log: _StartLog) -> None:

@@ -357,6 +357,18 @@ def test_kill_9_is_detected(tmp_path, ca, servers, tunnels, port) -> None:
     tunnel.stop()  # a no-op, not an error
 
 
+def test_a_tunnel_found_again_by_identity_is_stopped_without_a_zombie(tmp_path, ca, servers, tunnels, port) -> None:
+    """The agent's Unmount stops a tunnel its own Mount started, holding only the record's
+    identity (no Popen): the exit is awaited on a pidfd and our child's zombie is reaped."""
+    server = EchoServer(listen_socket(), server_context(ca, tmp_path))
+    servers.append(server)
+    started = start(spec_for(port.port, server, ca), tmp_path, tunnels)
+    found = Tunnel.from_identity(started.identity)
+    assert found is not None and found._popen is None
+    found.stop(timeout=5)
+    assert not psutil.pid_exists(started.pid)  # reaped: no zombie left in this process
+
+
 def test_identity_refuses_a_recycled_pid(tmp_path, ca, servers, tunnels, port) -> None:
     server = EchoServer(listen_socket(), server_context(ca, tmp_path))
     servers.append(server)

@@ -10,35 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import socket
 import time
-from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta, timezone
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, List, Mapping, Optional, Tuple
+from typing import Callable, List, Mapping, Optional, Tuple
 
-from efsplug import naming, ports, sharing, state
+from efsplug import naming, state
 from efsplug.config import Config, MountConfig
 from efsplug.errors import MountFailure, shown
-from efsplug.fsutil import atomic_write, ensure_dir
 from efsplug.imds import InstanceMetadata, MetadataUnavailable
+from efsplug.mounttunnel import TUNNEL_LOG, Identity, start_tunnel
 from efsplug.netns import check_namespace
 from efsplug.nfs import NfsMount, finish_mount as finish_nfs_mount
-from efsplug.options import MountRequest, nfs_device, nfs_mount_options, parse_ip, validate_region
-from efsplug.resolve import MountTarget, locate_mount_target
-from efsplug.stunnel import TunnelSpec
-from efsplug.tunnel import Tunnel, TunnelError
+from efsplug.options import MountRequest, nfs_device, nfs_mount_options, validate_region
+from efsplug.resolve import locate_mount_target
 
-if TYPE_CHECKING:
-    # Imported where used: cryptography and the credential sources cost a short-lived
-    # mount.efs a noticeable share of its run, and plain or TLS-only mounts need neither.
-    from efsplug.credentials import CredentialSource
-    from efsplug.sigv4 import AwsCredentials
-
-STUNNEL_NAMES = ("stunnel", "stunnel5", "stunnel4")
-KEY_FILE = "privateKey.pem"
-TUNNEL_LOG = "stunnel.log"  # stunnel's notices: why the mount target closed our connections
 
 
 @dataclass
@@ -57,14 +44,6 @@ class Timings:
 
     def line(self) -> str:
         return " ".join(f"{name}={seconds * 1000:.1f}ms" for name, seconds in self.phases)
-
-
-@dataclass(frozen=True)
-class Identity:
-    """What authorizes the TLS connection: IAM credentials and where they came from."""
-
-    credentials: Optional[AwsCredentials] = None
-    source: Optional[CredentialSource] = None
 
 
 @dataclass(frozen=True)
@@ -146,7 +125,7 @@ def prepare_mount(
                          nfs_mount_options(request, tunnel_port=None))
     with timings.phase("credentials"):
         identity = _identity(request, environ, region)
-    record = _start_tunnel(request, config, mount_config, region, target, identity, timings, now, undo)
+    record = start_tunnel(request, config, mount_config, region, target, identity, timings, now, undo)
     return _prepared(
         request, mount_config, record, f"127.0.0.1:{request.path}", nfs_mount_options(request, tunnel_port=record.port),
         tunnel_log=str(Path(str(record.config_file)).with_name(TUNNEL_LOG)), target=target.address,
@@ -201,177 +180,6 @@ def _identity(request: MountRequest, environ: Mapping[str, str], region: str) ->
     return Identity(found, source)
 
 
-def _start_tunnel(
-    request: MountRequest,
-    config: Config,
-    mount_config: MountConfig,
-    region: str,
-    target: MountTarget,
-    identity: Identity,
-    timings: Timings,
-    now: Callable[[], datetime],
-    undo: contextlib.ExitStack,
-) -> state.MountRecord:
-    """Join a live tunnel with the same settings and identity, or start one; record it.
-
-    Once the record is saved another mount may join the tunnel, so from then on undoing
-    means unmount.release(), which stops the tunnel only if no other record uses it.
-    """
-    state_dir = ensure_dir(Path(config.efsplug.state_dir), config.default.state_file_dir_mode)
-    settings = dict(
-        connect_host=target.address,
-        check_host=target.dns_name if mount_config.stunnel_check_cert_hostname else None,
-        sni=target.dns_name if _is_ipv6(target.address) else None,  # as efs-utils does for IPv6 targets
-        verify_level=request.verify if request.verify is not None else 2,
-        cafile=request.cafile or mount_config.stunnel_cafile,
-        ocsp=request.ocsp if request.ocsp is not None else mount_config.stunnel_check_cert_validity,
-        fips=mount_config.fips_mode_enabled,
-    )
-    binary = _stunnel_binary(config)
-    template = state.MountRecord(
-        fs_id=request.fs_id, mountpoint=str(request.mountpoint), path=request.path,
-        access_point=request.accesspoint, netns=request.netns, region=region, tls=True, iam=request.iam,
-        credential_source=identity.source.persisted if identity.source else None,
-        credential_expiry=identity.credentials.expiry if identity.credentials else None,
-        share_key=sharing.share_key(
-            fs_id=request.fs_id, access_point=request.accesspoint, region=region, netns=request.netns,
-            iam=request.iam, credential_source=identity.source.persisted if identity.source else None,
-            tunnel={**settings, "debug": mount_config.stunnel_debug_enabled, "stunnel": binary,
-                    "key": str(state_dir / KEY_FILE)},
-        ),
-    )
-    if not request.tlsport:  # a port asked for by number is this mount's own
-        with timings.phase("share"):
-            joined = sharing.join(state_dir, template.share_key, template, lambda r: _fresh_dir(_own_dir(state_dir, r)),
-                                  now())
-        if joined is not None:
-            undo.callback(_release, joined, state_dir)
-            return joined
-    with contextlib.ExitStack() as before_record:
-        record = _new_tunnel(request, config, mount_config, region, identity, timings, now, state_dir, template,
-                             settings, binary, before_record)
-        state.save(state_dir, record)
-        before_record.pop_all()
-    undo.callback(_release, record, state_dir)
-    return record
-
-
-def _new_tunnel(
-    request: MountRequest,
-    config: Config,
-    mount_config: MountConfig,
-    region: str,
-    identity: Identity,
-    timings: Timings,
-    now: Callable[[], datetime],
-    state_dir: Path,
-    template: state.MountRecord,
-    settings: dict,
-    binary: str,
-    undo: contextlib.ExitStack,
-) -> state.MountRecord:
-    """A port, a per-mount directory, the certificate and a listening stunnel: the record to save."""
-    with timings.phase("port"):
-        lower, upper = _port_range(request, mount_config)
-        try:
-            reservation = ports.reserve_port(state_dir / "ports", lower, upper)
-        except ports.PortRangeExhausted as exc:
-            raise MountFailure(str(exc)) from None
-    with reservation:
-        record = replace(template, port=reservation.port)
-        mount_dir = _own_dir(state_dir, record)
-        _fresh_dir(mount_dir)
-        undo.callback(shutil.rmtree, mount_dir, True)
-        cert_file = key_file = None
-        if request.iam or request.accesspoint:
-            with timings.phase("certificate"):
-                key_path = state_dir / KEY_FILE
-                cert_file, record = _write_certificate(request, config, region, identity, key_path, mount_dir, record, now())
-                key_file = str(key_path)
-        spec = _tunnel_spec(
-            accept_port=reservation.port, cert_file=cert_file, key_file=key_file,
-            debug_log=str(mount_dir / TUNNEL_LOG) if mount_config.stunnel_debug_enabled else None, **settings,
-        )
-        with timings.phase("tunnel"):
-            try:
-                tunnel = Tunnel.start(
-                    spec, config_path=mount_dir / "stunnel.conf", stunnel_binary=binary,
-                    netns=request.netns, log_path=mount_dir / TUNNEL_LOG,
-                )
-            except (TunnelError, OSError) as exc:
-                raise MountFailure(f"TLS tunnel to {spec.connect_host} did not start: {exc}{_tunnel_hint(exc, spec)}") from None
-            undo.callback(tunnel.stop)
-    return replace(
-        record,
-        tunnel=tunnel.identity,
-        config_file=str(mount_dir / "stunnel.conf"),
-        files_created=[str(mount_dir)],
-        mount_time=now(),
-    )
-
-
-def _own_dir(state_dir: Path, record: state.MountRecord) -> Path:
-    return state_dir / state.file_name(record)[: -len(state.SUFFIX)]
-
-
-def _release(record: state.MountRecord, state_dir: Path) -> None:
-    """Undo a recorded mount that was not made: its record, and its tunnel unless shared."""
-    from efsplug.unmount import UnmountError, release
-
-    try:
-        release(record, state_dir=state_dir, failed_mount=True)
-    except UnmountError:
-        pass  # the record stays: the supervisor reaps it; the mount's own error is what to tell
-
-
-def _fresh_dir(mount_dir: Path) -> Path:
-    """Make the per-mount directory; one already there is a killed mount's leftover.
-
-    Its name holds the port this mount has just reserved, so no live tunnel can own it.
-    """
-    try:
-        mount_dir.mkdir(mode=0o700)
-        return mount_dir
-    except FileExistsError:
-        pass
-    if mount_dir.is_symlink() or not mount_dir.is_dir():
-        raise MountFailure(f"{mount_dir} exists and is not a directory efsplug made; move it away")
-    shutil.rmtree(mount_dir)
-    mount_dir.mkdir(mode=0o700)
-    return mount_dir
-
-
-def _tunnel_spec(**fields) -> TunnelSpec:
-    """TunnelSpec validates every value again; a refusal there is the operator's input."""
-    try:
-        return TunnelSpec(**fields)
-    except ValueError as exc:
-        raise MountFailure(f"cannot build the tunnel configuration: {exc}") from None
-
-
-def _write_certificate(
-    request: MountRequest,
-    config: Config,
-    region: str,
-    identity: Identity,
-    key_path: Path,
-    mount_dir: Path,
-    record: state.MountRecord,
-    when: datetime,
-) -> Tuple[str, state.MountRecord]:
-    from efsplug import certificate
-
-    key = certificate.load_or_create_private_key(key_path)
-    cert_request = certificate.certificate_request(
-        fs_id=request.fs_id, region=region, hostname=socket.gethostname(), now=when,
-        access_point=request.accesspoint, credentials=identity.credentials,
-        lifetime=timedelta(minutes=config.efsplug.cert_lifetime_min), client_source=config.client_info.source,
-    )
-    cert_path = mount_dir / "certificate.pem"
-    atomic_write(cert_path, certificate.certificate_pem(certificate.build_certificate(key, cert_request)), 0o600)
-    return str(cert_path), replace(record, cert_not_before=cert_request.not_before, cert_not_after=cert_request.not_after)
-
-
 def _describe(identity: Identity) -> Optional[str]:
     """Which IAM identity the certificate carried: its source and access key id, never a secret."""
     if identity.credentials is None:
@@ -402,36 +210,9 @@ def _prepared(
     )
 
 
-def _port_range(request: MountRequest, mount_config: MountConfig) -> Tuple[int, int]:
-    if request.tlsport:
-        return request.tlsport, request.tlsport + 1
-    return mount_config.port_range_lower_bound, mount_config.port_range_upper_bound
-
-
-def _stunnel_binary(config: Config) -> str:
-    for name in ([config.efsplug.stunnel] if config.efsplug.stunnel else STUNNEL_NAMES):
-        found = shutil.which(name)
-        if found:
-            return found
-    raise MountFailure("stunnel not found; install stunnel (stunnel4 on Debian, stunnel5 on Amazon Linux)")
-
-
-def _tunnel_hint(exc: Exception, spec: TunnelSpec) -> str:
-    text = str(exc)
-    if "No trusted certificates found" in text or "CAfile" in text:
-        return f"; the CA bundle {spec.cafile} is missing or empty: set stunnel_cafile in efs-utils.conf or pass cafile="
-    return ""
-
-
 def _optional(getter: Callable[[], str]) -> Optional[str]:
     try:
         return getter()
     except MetadataUnavailable:
         return None
 
-
-def _is_ipv6(address: str) -> bool:
-    try:
-        return parse_ip(address).version == 6
-    except ValueError:
-        return False  # a DNS name

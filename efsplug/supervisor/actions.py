@@ -23,7 +23,7 @@ from efsplug.tunnel import Tunnel, TunnelError
 from efsplug.unmount import release, unmount_efs
 
 log = logging.getLogger("efsplug.supervisor")
-STUNNEL_NAMES = ("stunnel", "stunnel5", "stunnel4")  # as efsplug.mount looks for it
+STUNNEL_NAMES = ("stunnel", "stunnel5", "stunnel4")  # as efsplug.mounttunnel looks for it
 
 
 @dataclass

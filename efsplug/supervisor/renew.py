@@ -22,7 +22,7 @@ from efsplug.state import MountRecord
 from efsplug.tunnel import Tunnel
 from efsplug.unmount import tunnel_dir
 
-KEY_FILE = "privateKey.pem"  # the key mount.efs created (efsplug.mount.KEY_FILE)
+KEY_FILE = "privateKey.pem"  # the key mount.efs created (efsplug.mounttunnel.KEY_FILE)
 CERT_FILE = "certificate.pem"
 
 

@@ -10,12 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-import threading
-from typing import List
-
 from efsbed.bed import Bed
-from efsbed.faulty import SilentServer
-from efsbed.guestmount import NOTHING_LEFT, accepted_as, leftovers, mount, sh, write_and_find
+from efsbed.guestmount import NOTHING_LEFT, accepted_as, leftovers, stopped_part_way, write_and_find
 from efsbed.procs import wait_until
 from test_supervisor_guest import configure, record_of, records, supervisors, tunnel_pids, umount  # noqa: F401
 
@@ -90,21 +86,12 @@ def test_a_handed_mount_stopped_part_way_leaves_nothing(configure, supervisors, 
     bed = clean_guest
     configure()
     sup = supervisors()
-    real = bed.endpoint.routes
-    result: List[object] = []
-    with SilentServer() as silent:
-        try:
-            bed.endpoint.reconfigure(routes={**real, None: silent.port})
-            mounting = threading.Thread(target=lambda: result.append(mount(bed, "/mnt/handed-killed", "tls")))
-            mounting.start()
-            assert silent.first_accepted.wait(60), "mount.nfs4 never reached the server"
-            (made,) = records(bed)  # by the supervisor, for this mount.efs
-            assert bed.run(["ps", "-o", "ppid=", "-p", str(made["tunnel"]["pid"])]).stdout.strip() == str(sup.pid)
-            sh(bed, "pkill -TERM -f '[m]ount.efs '")
-            mounting.join(60)
-        finally:
-            bed.endpoint.reconfigure(routes=real)
-    (res,) = result
+
+    def made_by_the_supervisor() -> None:
+        (made,) = records(bed)
+        assert bed.run(["ps", "-o", "ppid=", "-p", str(made["tunnel"]["pid"])]).stdout.strip() == str(sup.pid)
+
+    res = stopped_part_way(bed, "/mnt/handed-killed", "TERM", made_by_the_supervisor)
     assert res.rc == 32, res  # type: ignore[attr-defined]
     assert res.stderr.splitlines()[-1] == (  # type: ignore[attr-defined]
         "mount.efs: interrupted by SIGTERM; what the mount had made is removed")

@@ -18,7 +18,7 @@ from efsbed.bed import Bed
 from efsbed.faulty import SilentServer
 from efsbed.guestmount import (
     NOTHING_LEFT, guest_config, guest_file, kernel_mounts, leftovers, mount, mount_of, new_connections, profile_text,
-    record_for, records, sh, task_netns, write_and_find,
+    record_for, records, sh, stopped_part_way, task_netns, write_and_find,
 )
 from efsplug.credentials import detail_tag
 
@@ -114,19 +114,7 @@ def test_a_stall_longer_than_one_attempt_is_retried_on_the_same_tunnel(bed: Bed,
 @pytest.mark.parametrize("sig", ["TERM", "INT", "HUP"])
 def test_mount_efs_killed_part_way_leaves_nothing(bed: Bed, clean_guest: Bed, sig: str) -> None:
     """Stopped while mount.nfs4 waits on a silent server: tunnel, port, record and directory all go."""
-    real = bed.endpoint.routes
-    result: List[object] = []
-    with SilentServer() as silent:
-        try:
-            bed.endpoint.reconfigure(routes={**real, None: silent.port})
-            mounting = threading.Thread(target=lambda: result.append(mount(bed, "/mnt/killed", "tls")))
-            mounting.start()
-            assert silent.first_accepted.wait(60), "mount.nfs4 never reached the server"
-            sh(bed, f"pkill -{sig} -f '[m]ount.efs '")
-            mounting.join(60)
-        finally:
-            bed.endpoint.reconfigure(routes=real)
-    (res,) = result
+    res = stopped_part_way(bed, "/mnt/killed", sig)
     assert res.rc == 32, res  # type: ignore[attr-defined]
     assert res.stderr.splitlines()[-1] == (  # type: ignore[attr-defined]
         f"mount.efs: interrupted by SIG{sig}; what the mount had made is removed")

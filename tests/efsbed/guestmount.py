@@ -7,10 +7,12 @@ import json
 import re
 import secrets
 import shlex
+import threading
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 from efsbed.bed import Bed
+from efsbed.faulty import SilentServer
 from efsbed.guest import GuestResult
 from efsplug.mounttable import unescape
 from efsplug.sigv4 import AwsCredentials
@@ -151,3 +153,24 @@ def task_netns(bed: Bed, name: str) -> Iterator[str]:
         yield f"/var/run/netns/{name}"
     finally:
         sh(bed, f"ip netns del {name} 2>/dev/null; ip link del efsh0 2>/dev/null; true")
+
+
+def stopped_part_way(bed: Bed, mountpoint: str, sig: str,
+                     while_waiting: Callable[[], None] = lambda: None) -> GuestResult:
+    """`mount -t efs -o tls` stopped by SIG<sig> while mount.nfs4 waits on a silent server
+    (the mount target's stand-in); while_waiting runs just before the signal. Its result."""
+    real = bed.endpoint.routes
+    result: List[GuestResult] = []
+    with SilentServer() as silent:
+        try:
+            bed.endpoint.reconfigure(routes={**real, None: silent.port})
+            mounting = threading.Thread(target=lambda: result.append(mount(bed, mountpoint, "tls")))
+            mounting.start()
+            assert silent.first_accepted.wait(60), "mount.nfs4 never reached the server"
+            while_waiting()
+            sh(bed, f"pkill -{sig} -f '[m]ount.efs '")
+            mounting.join(60)
+        finally:
+            bed.endpoint.reconfigure(routes=real)
+    (res,) = result
+    return res

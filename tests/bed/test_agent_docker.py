@@ -56,9 +56,11 @@ def tunnels(bed: Bed) -> List[str]:
 
 
 def wait_for_file(path: Path, timeout: float = 60) -> str:
+    """A container's one-line write, once it is whole: NFS shows the file (created empty by
+    the shell's redirection) before the line written into it arrives."""
     deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path} never appeared"
+    while not (path.exists() and path.read_text().endswith("\n")):
+        assert time.monotonic() < deadline, f"{path} never appeared whole"
         time.sleep(0.1)  # polling the host export for a container's write, bounded
     return path.read_text()
 

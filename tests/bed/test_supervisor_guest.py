@@ -147,9 +147,15 @@ def _cert(bed: Bed, rec: dict) -> x509.Certificate:
 def _fresh_connection_key_id(bed: Bed, port: int) -> str:
     """Open a new connection through the tunnel: the endpoint sees the certificate stunnel loaded."""
     before = len(bed.endpoint.connection_events())
-    code = f"import socket,time; s=socket.create_connection(('127.0.0.1',{port})); time.sleep(1.5); s.close()"
-    bed.run(["python3", "-c", code], timeout=30)
-    events = wait_until(lambda: bed.endpoint.connection_events()[before:], 20, "endpoint event")
+    # A renewal's SIGHUP makes stunnel bind its port again: a connection in that moment is
+    # refused (so the supervisor needs two missed probes in a row). Retried, bounded.
+    code = (f"import socket,time\nend=time.monotonic()+10\nwhile True:\n"
+            f"  try:\n    s=socket.create_connection(('127.0.0.1',{port})); break\n"
+            f"  except ConnectionRefusedError:\n    assert time.monotonic()<end, 'refused for 10s'\n    time.sleep(0.05)\n"
+            f"time.sleep(1.5); s.close()")
+    res = bed.run(["python3", "-c", code], timeout=30)
+    events = wait_until(lambda: bed.endpoint.connection_events()[before:], 20,
+                        f"endpoint event (client: rc {res.rc} {res.stderr.strip()[-200:]})")
     assert events[-1]["event"] == "accepted", events
     return events[-1]["access_key_id"]
 

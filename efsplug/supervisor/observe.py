@@ -13,8 +13,8 @@ import select
 import zlib
 from typing import Dict, List, Optional, Set, Tuple
 
-from efsplug import sharing
 from efsplug.mounttable import KernelMount, ports_in_use
+from efsplug.state import MountRecord
 from efsplug.netns import netns_path
 from efsplug.supervisor import decisions as d
 from efsplug.supervisor import tunnels
@@ -74,8 +74,9 @@ class ObserveMixin:
             if not (mount_dir(record, self.state_dir) / STATUS_FILE).exists():
                 e.shown = (d.OK, "")  # nothing to correct: an "ok" mount needs no status file
             self._entries[key] = e
-            if record.port is not None and record.config_file is not None:
-                self._by_tunnel.setdefault((record.port, record.config_file), set()).add(key)
+            tunnel = _tunnel_of(record)
+            if tunnel is not None:
+                self._by_tunnel.setdefault(tunnel, set()).add(key)
             self._watch_tunnel(e)
             dirty.add(key)
 
@@ -123,11 +124,12 @@ class ObserveMixin:
     def _forget(self, key: str) -> None:
         e = self._entries.pop(key, None)
         if e is not None:
-            users = self._by_tunnel.get((e.record.port, e.record.config_file or ""))
+            tunnel = _tunnel_of(e.record)
+            users = self._by_tunnel.get(tunnel) if tunnel is not None else None
             if users is not None:
                 users.discard(key)
                 if not users:
-                    del self._by_tunnel[(e.record.port, e.record.config_file or "")]
+                    del self._by_tunnel[tunnel]
             self._watch_tunnel_off(e)
 
     def _sweep_listeners(self, now: float, dirty: Set[str]) -> None:
@@ -164,9 +166,8 @@ class ObserveMixin:
         mounted = os.path.normpath(r.mountpoint) in self._nfs
         # Other records using this tunnel keep it (and count its users); this record goes,
         # alone, when its own mount has gone.
-        together = self._by_tunnel.get((r.port, r.config_file or ""), ()) if r.port else ()
-        shared = {os.path.normpath(self._entries[k].record.mountpoint) for k in together
-                  if k != e.key and sharing.same_tunnel(self._entries[k].record, r)}
+        together = self._by_tunnel.get(_tunnel_of(r), ())  # keyed as sharing.same_tunnel compares
+        shared = {os.path.normpath(self._entries[k].record.mountpoint) for k in together if k != e.key}
         users = tuple(self._ports.get(r.port, ())) if r.port and not shared else ()
         connected = False
         if not mounted and not users and not shared and e.alive and r.tunnel and r.port:
@@ -180,3 +181,10 @@ class ObserveMixin:
             netns_present=not r.netns or os.path.exists(netns_path(r.netns)),
             references=refs,
         )
+
+
+def _tunnel_of(record: MountRecord) -> Optional[Tuple[int, str]]:
+    """The _by_tunnel key: what sharing.same_tunnel compares (port and config file)."""
+    if record.port is None or record.config_file is None:
+        return None
+    return record.port, record.config_file

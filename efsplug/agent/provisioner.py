@@ -12,7 +12,7 @@ from typing import Callable, Mapping, Protocol, Tuple
 
 from efsplug.accesspoints import AccessPoints
 from efsplug.agent import provisioning
-from efsplug.agent.volumes import Volume
+from efsplug.agent.volumes import Volume, with_tls
 from efsplug.config import Config
 from efsplug.imds import InstanceMetadata
 from efsplug.options import MountRequest, request_from_driver_opts
@@ -46,7 +46,7 @@ class AccessPointProvisioner:
     def _service(self, volume: Volume) -> Tuple[AccessPoints, MountRequest]:
         from efsplug.mount import find_region
 
-        request = request_from_driver_opts(volume.device, volume.options)
+        request = request_from_driver_opts(volume.device, with_tls(volume.options))  # as its mounts see it
         config = self._config()
         region = find_region(request, config, self._environ, InstanceMetadata.from_environment(self._environ))
         return AccessPoints(region), request

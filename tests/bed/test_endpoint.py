@@ -3,6 +3,7 @@ and by the host's stunnel client, and its IAM admission with product-built certi
 
 from __future__ import annotations
 
+import select
 import shutil
 import socket
 import socketserver
@@ -391,18 +392,42 @@ def test_stunnel_with_iam_certificate_reaches_backend(stunnel, endpoint: EfsEndp
 def test_bulk_transfer_both_ways(endpoint: EfsEndpoint, ca: BedCA) -> None:
     payload = bytes(range(256)) * (64 * 1024)  # 16 MiB
     with tls_client(endpoint.port, cafile=ca.cert_path, server_name=FS_NAME) as s:
-        sender = threading.Thread(target=s.sendall, args=(payload,))
         started = time.monotonic()
-        sender.start()
-        got = bytearray()
-        while len(got) < len(payload):
-            chunk = s.recv(1 << 20)
-            assert chunk, "endpoint closed mid-transfer"
-            got += chunk
-        sender.join(timeout=30)
+        got = _send_and_receive(s, payload, deadline=started + 60)
         elapsed = time.monotonic() - started
     assert bytes(got) == payload
     assert len(payload) / elapsed > 10e6, f"only {len(payload) / elapsed / 1e6:.1f} MB/s"
+
+
+def _send_and_receive(s: ssl.SSLSocket, payload: bytes, *, deadline: float) -> bytes:
+    """Write payload while reading the echo, from one thread.
+
+    One OpenSSL connection must not be read and written from two threads at once (a
+    sender thread once corrupted the stream under OpenSSL 3.0 and the endpoint closed).
+    """
+    s.setblocking(False)
+    sent, got = 0, bytearray()
+    view = memoryview(payload)
+    while len(got) < len(payload):
+        left = deadline - time.monotonic()
+        assert left > 0, f"stalled: sent {sent}, received {len(got)} of {len(payload)}"
+        progressed = False
+        if sent < len(payload):
+            try:
+                sent += s.send(view[sent:sent + (1 << 16)])
+                progressed = True
+            except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+                pass
+        try:
+            chunk = s.recv(1 << 20)
+            assert chunk, f"endpoint closed mid-transfer after {len(got)} bytes"
+            got += chunk
+            progressed = True
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+            pass
+        if not progressed and s.pending() == 0:
+            select.select([s], [s] if sent < len(payload) else [], [], min(left, 1.0))
+    return bytes(got)
 
 
 def test_many_concurrent_connections(endpoint: EfsEndpoint, ca: BedCA) -> None:

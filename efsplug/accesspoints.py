@@ -76,6 +76,21 @@ class AccessPoints:
         except (TimeoutError, botocore.exceptions.BotoCoreError) as exc:
             raise self._error("DeleteAccessPoint", fs_id, exc) from None
 
+    def describe(self, fs_id: str, ap_id: str) -> Optional[Dict[str, Any]]:
+        """ap_id as EFS describes it; None if it is gone."""
+        import botocore.exceptions
+
+        try:
+            described = within(self.call_deadline, lambda: self._client.describe_access_points(AccessPointId=ap_id))
+        except botocore.exceptions.ClientError as exc:
+            if _code(exc) == "AccessPointNotFound":
+                return None
+            raise self._error("DescribeAccessPoints", fs_id, exc) from None
+        except (TimeoutError, botocore.exceptions.BotoCoreError) as exc:
+            raise self._error("DescribeAccessPoints", fs_id, exc) from None
+        points = described.get("AccessPoints") or []
+        return points[0] if points else None
+
     def _wait_available(self, fs_id: str, ap_id: str, state: Any, wait: float, clock: Callable[[], float]) -> str:
         deadline = clock() + wait
         delay = 0.2
@@ -88,10 +103,8 @@ class AccessPoints:
                                        f"(still {shown(state)}); retry the volume create")
             time.sleep(min(delay, max(deadline - clock(), 0)))  # EFS gives no event: poll, backing off
             delay = min(delay * 2, 5.0)
-            described = self._call("DescribeAccessPoints", fs_id,
-                                   lambda: self._client.describe_access_points(AccessPointId=ap_id))
-            points = described.get("AccessPoints") or []
-            state = points[0].get("LifeCycleState") if points else "deleted"
+            described = self.describe(fs_id, ap_id)
+            state = described.get("LifeCycleState") if described is not None else "deleted"
         return ap_id
 
     def _pages(self, fs_id: str) -> Iterator[Dict[str, Any]]:

@@ -67,7 +67,7 @@ class Plugin:
         self.type_mounter: TypeMounter = type_mounter if type_mounter is not None else HelperMounter()  # the rest
         # Access points on demand (provision=accesspoint): EFS's API with the host's credentials.
         self.provisioner: Provisioner = provisioner if provisioner is not None else AccessPointProvisioner(
-            getattr(self.mounter, "config", lambda: load_config().config))
+            getattr(self.mounter, "config", lambda: load_config().config), mounter=self.mounter)
         self._clock = clock
         self._volumes: Mapping[str, Volume] = MappingProxyType(dict(initial))
         self._locks = LockTable()
@@ -254,7 +254,8 @@ class Plugin:
                 print(f"remove {name}: mountpoint kept ({exc.strerror})", flush=True)
             spec = volume.provision_spec
             if volume.access_point and spec is not None and spec.on_remove != "keep":
-                self.provisioner.delete(volume)  # fails: the volume stays, for Remove to be retried
+                # fails: the volume stays, for Remove to be retried
+                self.provisioner.delete(volume, data=spec.on_remove == "deleteData")
             self._commit(name, None)
 
     def release_leftovers(self) -> List[str]:

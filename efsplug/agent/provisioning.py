@@ -163,6 +163,29 @@ def volume_of(access_point: Mapping[str, object]) -> Optional[str]:
     return None
 
 
+def root_of(access_point: Mapping[str, object]) -> str:
+    """An access point's root directory (a DescribeAccessPoints entry); "/" if it names none."""
+    root = access_point.get("RootDirectory")
+    path = root.get("Path") if isinstance(root, dict) else None
+    return "/" + "/".join(p for p in path.split("/") if p) if isinstance(path, str) else "/"
+
+
+def data_shared_with(ours: Mapping[str, object], others: Iterable[Mapping[str, object]]) -> Optional[str]:
+    """Why ours' root directory must not be deleted (None: it may be): it is the file system's
+    root, or another access point's root directory is it or lies under it (that access point's
+    data would go too)."""
+    root = root_of(ours)
+    if root == "/":
+        return "its root directory is the file system's root"
+    for other in others:
+        if other.get("AccessPointId") == ours.get("AccessPointId"):
+            continue
+        theirs = root_of(other)
+        if theirs == root or theirs.startswith(root + "/"):
+            return f"access point {shown(other.get('AccessPointId'))} uses {shown(theirs)}"
+    return None
+
+
 def _id(opts: Mapping[str, str], name: str) -> Optional[int]:
     if name not in opts:
         return None

@@ -112,8 +112,6 @@ def _check_provisioned(request: MountRequest, spec: provisioning.ProvisionSpec) 
     if request.path not in ("", "/"):
         raise UsageError(f"device= names the path {shown(request.path)}, but a provisioned access point chooses its "
                          "own root directory; use basePath= and rootName=")
-    if spec.on_remove == "deleteData":
-        raise UsageError("onRemove=deleteData is not available yet; use deleteAccessPoint (the data stays) or keep")
 
 
 def new_volume(name: str, opts: Mapping[str, str], root: Path, created_at: str) -> Volume:

@@ -32,8 +32,8 @@ class Provisioner:
         self.calls.append(f"create {volume.name}")
         return MADE
 
-    def delete(self, volume: Volume) -> None:
-        self.calls.append(f"delete {volume.name} {volume.access_point}")
+    def delete(self, volume: Volume, *, data: bool = False) -> None:
+        self.calls.append(f"delete {volume.name} {volume.access_point}" + (" and its data" if data else ""))
         if self.fail_delete:
             raise MountFailure(self.fail_delete)
 
@@ -79,12 +79,16 @@ def test_mounts_go_through_it_with_tls(plugin: Plugin) -> None:
     assert (request.accesspoint, request.tls, request.iam, request.fs_id) == (MADE, True, True, FS)
 
 
-@pytest.mark.parametrize("on_remove, deleted", [("deleteAccessPoint", True), ("keep", False)])
+@pytest.mark.parametrize("on_remove, deleted", [
+    ("deleteAccessPoint", [f"delete v1 {MADE}"]),
+    ("deleteData", [f"delete v1 {MADE} and its data"]),
+    ("keep", []),
+])
 def test_remove_deletes_it_as_on_remove_says(plugin: Plugin, provisioner: Provisioner, on_remove: str,
-                                             deleted: bool) -> None:
+                                             deleted: List[str]) -> None:
     call(plugin, p.CREATE, {"Name": "v1", "Opts": dict(OPTS, onRemove=on_remove)})
     assert call(plugin, p.REMOVE, {"Name": "v1"}) == {"Err": ""}
-    assert provisioner.calls == ["create v1"] + ([f"delete v1 {MADE}"] if deleted else [])
+    assert provisioner.calls == ["create v1"] + deleted
     assert "v1" not in plugin.volumes
 
 
@@ -97,20 +101,23 @@ def test_a_failed_delete_keeps_the_volume_for_a_retry(tmp_path: Path) -> None:
     assert plugin.volumes["v1"].access_point == MADE
 
 
+@pytest.mark.parametrize("on_remove", ["deleteAccessPoint", "deleteData"])
 def test_a_create_that_cannot_be_recorded_deletes_the_access_point(plugin: Plugin, provisioner: Provisioner,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   on_remove: str) -> None:
     def full_disk(volumes: Any) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(plugin.store, "save", full_disk)
-    assert call(plugin, p.CREATE, {"Name": "v1", "Opts": OPTS})["Err"] != ""
+    # never the data: the root directory may hold what an earlier volume of that name left
+    assert call(plugin, p.CREATE, {"Name": "v1", "Opts": dict(OPTS, onRemove=on_remove)})["Err"] != ""
     assert provisioner.calls == ["create v1", f"delete v1 {MADE}"] and "v1" not in plugin.volumes
 
 
 @pytest.mark.parametrize("opts, message", [
     (dict(OPTS, o="tls,accesspoint=fsap-0123456789abcdef0"), "accesspoint= (in o=) and provision=accesspoint exclude"),
     (dict(OPTS, device=f"{FS}:/data"), "a provisioned access point chooses its own root directory"),
-    (dict(OPTS, onRemove="deleteData"), "onRemove=deleteData is not available yet"),
+    (dict(OPTS, onRemove="deleteEverything"), "onRemove='deleteEverything' must be one of"),
     (dict(OPTS, type="nfs4", device="10.0.0.1:/"), "provision=accesspoint is for type=efs volumes only"),
     (dict(OPTS, rootMode="9"), "rootMode='9' must be octal permissions"),
     ({"type": "efs", "device": FS, "gidRange": "1-2"}, "volume option gidRange= needs provision=accesspoint"),

@@ -100,3 +100,24 @@ def test_any_volume_name_gives_a_plain_path_or_one_clear_refusal(volume: str, ba
         return
     assert path.startswith("/") and len(path) <= p.MAX_PATH
     assert re.fullmatch(r"(/[A-Za-z0-9][A-Za-z0-9_.-]*)+", path), path
+
+
+def _ap(ap_id: str, path: object) -> dict:
+    return {"AccessPointId": ap_id, "RootDirectory": {"Path": path}} if path is not None else {"AccessPointId": ap_id}
+
+
+@pytest.mark.parametrize("others, refused", [
+    ([], None),
+    ([_ap("fsap-b", "/teams/web/v1-other")], None),   # a sibling name that merely starts alike
+    ([_ap("fsap-b", "/teams")], None),                # above ours: its own data is elsewhere
+    ([_ap("fsap-b", "/teams/web/v1")], "access point 'fsap-b' uses '/teams/web/v1'"),
+    ([_ap("fsap-b", "/teams/web/v1/sub")], "access point 'fsap-b' uses '/teams/web/v1/sub'"),
+    ([_ap("fsap-a", "/teams/web/v1")], None),         # ourselves, as listed
+])
+def test_data_is_deleted_only_when_no_other_access_point_uses_it(others, refused) -> None:
+    assert p.data_shared_with(_ap("fsap-a", "/teams//web/v1/"), others) == refused
+
+
+@pytest.mark.parametrize("path", [None, "/", "", 7])
+def test_the_file_system_root_is_never_deleted(path) -> None:
+    assert p.data_shared_with(_ap("fsap-a", path), []) == "its root directory is the file system's root"

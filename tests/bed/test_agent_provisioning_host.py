@@ -5,9 +5,11 @@ an access point need the kernel guest."""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
+import threading
 from pathlib import Path
 from typing import Dict, Iterator, List
 
@@ -16,6 +18,7 @@ import pytest
 from efsbed import procs
 from efsbed.agent_harness import AgentProcess, PluginClient, start_agent
 from efsbed.aws import DUMMY_ENV, MotoServer, client
+from efsbed.faulty import HoldingProxy
 from efsplug.agent import provisioning
 
 REGION = "us-east-1"
@@ -101,6 +104,47 @@ def test_an_access_point_left_by_a_killed_agent_is_adopted(moto: MotoServer, fs_
         assert volume_aps(moto, fs_id, "v-crashed") == []
     finally:
         second.proc.stop()
+
+
+def test_an_agent_killed_right_after_create_access_point_ends_with_one(moto: MotoServer, fs_id: str,
+                                                                       env: Dict[str, str], tmp_path: Path,
+                                                                       tag: str) -> None:
+    # EFS makes the access point; the agent is SIGKILLed before it hears the answer.
+    with HoldingProxy(moto.endpoint_url, hold=("POST", "/2015-02-01/access-points")) as efs:
+        agent = start_agent(tmp_path, tag=tag, env={**env, "AWS_ENDPOINT_URL_EFS": efs.url}, name="agent1")
+        try:
+            outcome: List[BaseException] = []
+            create = threading.Thread(target=_call_expecting_no_answer, daemon=True, args=(
+                agent.socket_path, {"Name": "v-killed", "Opts": opts(fs_id)}, outcome))
+            create.start()
+            assert efs.held.wait(30), "the agent never called CreateAccessPoint"
+            os.kill(agent.proc.pid, signal.SIGKILL)
+            agent.proc.popen.wait(10)
+            create.join(10)
+            assert outcome and not create.is_alive()  # the Create got no answer: dockerd retries it
+        finally:
+            agent.proc.stop()
+    (made,) = volume_aps(moto, fs_id, "v-killed")
+    assert json.loads(efs.held_answer or b"{}")["AccessPointId"] == made["AccessPointId"]
+    second = start_agent(tmp_path, tag=tag, env=env, name="agent2")
+    try:
+        with PluginClient(second.socket_path) as c:
+            assert c.call("VolumeDriver.Create", {"Name": "v-killed", "Opts": opts(fs_id)}).body == {"Err": ""}
+            assert c.call("VolumeDriver.Get", {"Name": "v-killed"}).body["Volume"]["Status"]["AccessPoint"] == \
+                made["AccessPointId"]
+            assert [ap["AccessPointId"] for ap in volume_aps(moto, fs_id, "v-killed")] == [made["AccessPointId"]]
+            assert c.call("VolumeDriver.Remove", {"Name": "v-killed"}).body == {"Err": ""}
+        assert volume_aps(moto, fs_id, "v-killed") == []
+    finally:
+        second.proc.stop()
+
+
+def _call_expecting_no_answer(socket_path: Path, payload: dict, outcome: List[BaseException]) -> None:
+    try:
+        with PluginClient(socket_path, timeout=60) as c:
+            c.call("VolumeDriver.Create", payload)
+    except BaseException as e:  # the agent died mid-request: the connection ends unanswered
+        outcome.append(e)
 
 
 def test_a_refused_create_is_one_err_and_records_nothing(moto: MotoServer, env: Dict[str, str], tmp_path: Path,

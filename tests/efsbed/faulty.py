@@ -4,6 +4,7 @@
     with TrickleServer() as t:     # an HTTP answer that never ends: one header byte at a time
     with HugeAnswer() as h:        # an HTTP answer with an endless body
     with JsonAnswer(403, {...}, "AccessDeniedException") as j:  # one scripted JSON answer, always
+    with HoldingProxy(moto_url, hold=("POST", path)) as p:  # relays; one matching call's answer never comes
 
 Each runs in daemon threads and is stopped (listener and connections closed) on exit.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import socket
 import threading
-from typing import List
+from typing import Iterator, List, Optional, Tuple
 
 
 class _Server:
@@ -119,20 +120,66 @@ class JsonAnswer(_Server):
         self.head = (head + "\r\n").encode()
 
     def handle(self, conn: socket.socket) -> None:
-        buffered = b""
-        while True:
-            while b"\r\n\r\n" not in buffered:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                buffered += chunk
-            head, _, buffered = buffered.partition(b"\r\n\r\n")
-            length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                           if line.lower().startswith(b"content-length:")), 0)
-            while len(buffered) < length:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                buffered += chunk
-            buffered = buffered[length:]
+        for _ in _requests(conn):
             conn.sendall(self.head + self.body)
+
+
+class HoldingProxy(_Server):
+    """Relays HTTP requests to upstream (moto) and its answers back, except the first request
+    whose method and path match hold: that one reaches upstream, which acts on it, but its
+    answer is kept (`held` is set, `held_answer` has it) and the client waits for ever, as a
+    client killed right after the call would never have heard."""
+
+    def __init__(self, upstream: str, *, hold: Tuple[str, str]) -> None:
+        super().__init__()
+        self.upstream, self.hold = upstream, hold
+        self.held = threading.Event()
+        self.held_answer: Optional[bytes] = None
+
+    def handle(self, conn: socket.socket) -> None:
+        import urllib.error
+        import urllib.request
+
+        for head, body in _requests(conn):
+            method, path = head.split(b" ")[:2]
+            headers = {}
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.decode("latin-1").partition(":")
+                if name.lower() not in ("host", "content-length", "connection", "expect"):
+                    headers[name] = value.strip()
+            request = urllib.request.Request(self.upstream + path.decode(), data=body or None,
+                                             method=method.decode(), headers=headers)
+            try:
+                with urllib.request.urlopen(request, timeout=30) as answer:
+                    status, answer_headers, data = answer.status, answer.getheaders(), answer.read()
+            except urllib.error.HTTPError as refused:
+                status, answer_headers, data = refused.code, refused.headers.items(), refused.read()
+            if (method.decode(), path.decode().split("?")[0]) == self.hold and not self.held.is_set():
+                self.held_answer = data
+                self.held.set()
+                self._stopping.wait()
+                return
+            kept = "".join(f"{k}: {v}\r\n" for k, v in answer_headers
+                           if k.lower() not in ("content-length", "transfer-encoding", "connection"))
+            conn.sendall(f"HTTP/1.1 {status} X\r\n{kept}Content-Length: {len(data)}\r\n\r\n".encode() + data)
+
+
+def _requests(conn: socket.socket) -> Iterator[Tuple[bytes, bytes]]:
+    """(head, body) of each request on a kept-alive connection, until the client closes."""
+    buffered = b""
+    while True:
+        while b"\r\n\r\n" not in buffered:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return
+            buffered += chunk
+        head, _, buffered = buffered.partition(b"\r\n\r\n")
+        length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)
+        while len(buffered) < length:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return
+            buffered += chunk
+        body, buffered = buffered[:length], buffered[length:]
+        yield head, body

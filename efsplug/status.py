@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
 from efsplug import sharing, state
-from efsplug.config import load_config
+from efsplug.agent.store import DEFAULT_STATE_PATH
+from efsplug.config import Config, load_config
 from efsplug.ecsconfig import ecs_config_path, load_ecs_config
 from efsplug.credentials import shown_source
 from efsplug.errors import EfsplugError
@@ -132,8 +133,20 @@ def cleanup_lines(published: Optional[str], computed: Callable[[], cleanup.Clean
     return [f"{head}: {wait.describe()}"] + [f"    {note}" for note in wait.notes]
 
 
+def access_point_lines(agent_state: Path, config: Config) -> List[str]:
+    """Access points made for volumes this host no longer has (EFS is asked only if the agent
+    ever made one)."""
+    if not os.path.lexists(agent_state):
+        return []
+    from efsplug.agent.apreport import unowned_access_points
+
+    return unowned_access_points(agent_state, config)
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="one JSON document (a list of mounts)")
+    parser.add_argument("--agent-state", type=Path, default=DEFAULT_STATE_PATH, metavar="PATH",
+                        help=f"the agent's state file, for access points made for volumes (default {DEFAULT_STATE_PATH})")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -144,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
         return exc.exit_code
     state_dir = Path(config.efsplug.state_dir)
     views, bad = collect(state_dir)
+    bad += access_point_lines(args.agent_state, config)
     if args.json:
         print(json.dumps([asdict(v) for v in views], indent=2))
         for line in bad:  # the document stays a list of mounts

@@ -69,8 +69,9 @@ def build_plugin(args: argparse.Namespace) -> Plugin:
     for note in result.notes:
         say(note)
     if result.changed or loaded.quarantined is not None:
-        store.save(result.volumes)
-    plugin = Plugin(store, args.volumes_root, mounter=EfsMounter(args.config), initial=result.volumes)
+        store.save(result.volumes, loaded.provisioned_on)
+    plugin = Plugin(store, args.volumes_root, mounter=EfsMounter(args.config), initial=result.volumes,
+                    provisioned_on=loaded.provisioned_on)
     for note in plugin.release_leftovers():
         say(note)
     return plugin

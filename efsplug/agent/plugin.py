@@ -19,19 +19,20 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Dict, List, Mapping, MutableMapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, MutableMapping, Optional, Tuple
 
 from efsplug.agent import protocol
 from efsplug.agent.mounter import EfsMounter, HelperMounter, Mounter, TypeMounter
 from efsplug.agent.othertypes import FS_TYPE
 from efsplug.agent.protocol import CreateRequest, MountIdRequest, NameRequest, ProtocolError
 from efsplug.agent.provisioner import AccessPointProvisioner, Provisioner
-from efsplug.agent.store import Store
+from efsplug.agent.store import ProvisionedOn, Store
 from efsplug.agent.volumes import (
-    LockTable, Volume, mounted_with, new_volume, same_definition, unmount_step, unmounted,
+    LockTable, Volume, mounted_with, new_volume, same_definition, unmount_step, unmounted, with_tls,
 )
 from efsplug.config import load_config
 from efsplug.errors import EfsplugError, UsageError, shown
+from efsplug.options import request_from_driver_opts
 
 MOUNTPOINT_MODE = 0o700
 ROOT_MODE = 0o700
@@ -59,6 +60,7 @@ class Plugin:
         type_mounter: Optional[TypeMounter] = None,
         provisioner: Optional[Provisioner] = None,
         initial: Mapping[str, Volume] = MappingProxyType({}),
+        provisioned_on: Tuple[ProvisionedOn, ...] = (),
         clock: Callable[[], str] = _now,
     ) -> None:
         self.store = store
@@ -70,6 +72,7 @@ class Plugin:
             getattr(self.mounter, "config", lambda: load_config().config), mounter=self.mounter)
         self._clock = clock
         self._volumes: Mapping[str, Volume] = MappingProxyType(dict(initial))
+        self._provisioned_on: Tuple[ProvisionedOn, ...] = tuple(provisioned_on)
         self._locks = LockTable()
         self._commit_lock = threading.Lock()
         # Told the mountpoint after every change (the supervisor re-checks that mount).
@@ -170,6 +173,7 @@ class Plugin:
                     f"volume {shown(name)} already exists with different options; remove it or choose another name"
                 )
             if volume.provision:
+                self._remember_file_system(volume)  # before EFS makes anything there
                 # Made (or adopted: a retry after a crash before the commit) before the volume
                 # is recorded; if recording fails, deleted again: a failed Create leaves nothing.
                 volume = replace(volume, access_point=self.provisioner.create(volume))
@@ -180,6 +184,16 @@ class Plugin:
                     raise
                 return
             self._commit(name, volume)
+
+    def _remember_file_system(self, volume: Volume) -> None:
+        request = request_from_driver_opts(volume.device, with_tls(volume.options))  # as its mounts will see it
+        entry = ProvisionedOn(request.fs_id, request.region or "")
+        with self._commit_lock:
+            if entry in self._provisioned_on:
+                return
+            remembered = tuple(sorted(self._provisioned_on + (entry,)))
+            self.store.save(self._volumes, remembered)
+            self._provisioned_on = remembered
 
     def _delete_access_point_quietly(self, volume: Volume) -> None:
         try:
@@ -291,7 +305,7 @@ class Plugin:
                 changed.pop(name, None)
             else:
                 changed[name] = volume
-            self.store.save(changed)  # durable before anyone sees it
+            self.store.save(changed, self._provisioned_on)  # durable before anyone sees it
             self._volumes = MappingProxyType(dict(changed))
         subject = volume or before
         if self.on_change is not None and subject is not None:

@@ -100,9 +100,12 @@ class AccessPointProvisioner:
             mountpoint.rmdir()
 
     def _service(self, volume: Volume) -> Tuple[AccessPoints, MountRequest]:
-        from efsplug.mount import find_region
-
         request = request_from_driver_opts(volume.device, with_tls(volume.options))  # as its mounts see it
-        config = self._config()
-        region = find_region(request, config, self._environ, InstanceMetadata.from_environment(self._environ))
-        return AccessPoints(region), request
+        return AccessPoints(region_of(request, self._config(), self._environ)), request
+
+
+def region_of(request: MountRequest, config: Config, environ: Mapping[str, str]) -> str:
+    """The region the EFS API is called in for request's file system: as its mounts find it."""
+    from efsplug.mount import find_region
+
+    return find_region(request, config, environ, InstanceMetadata.from_environment(environ))

@@ -163,6 +163,14 @@ def volume_of(access_point: Mapping[str, object]) -> Optional[str]:
     return None
 
 
+def without_volume(access_points: Iterable[Mapping[str, object]],
+                   held: Mapping[str, Optional[str]]) -> List[Mapping[str, object]]:
+    """The access points efsplug made (tagged with a volume) that no volume here holds;
+    held maps each volume's name to its access point."""
+    return [ap for ap in access_points
+            if volume_of(ap) is not None and held.get(volume_of(ap) or "") != ap.get("AccessPointId")]
+
+
 def root_of(access_point: Mapping[str, object]) -> str:
     """An access point's root directory (a DescribeAccessPoints entry); "/" if it names none."""
     root = access_point.get("RootDirectory")

@@ -13,7 +13,7 @@ import re
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from efsplug.agent.othertypes import FS_TYPE, TYPES
 from efsplug.agent.provisioning import PROVISION_OPTS
@@ -21,9 +21,12 @@ from efsplug.agent.protocol import VOLUME_NAME_RE, MOUNT_ID_RE
 from efsplug.agent.volumes import Volume
 from efsplug.errors import EfsplugError
 from efsplug.fsutil import atomic_write
+from efsplug.optionvalues import REGION_RE
 from efsplug.state import StateError, parse_json, read_bounded
 
 ACCESS_POINT_RE = re.compile(r"fsap-[0-9a-f]{17}")
+FS_ID_RE = re.compile(r"fs-[0-9a-f]{8,40}")
+MAX_PROVISIONED_ON = 1000  # file systems; each costs a DescribeAccessPoints in `efsplug status`
 
 FORMAT_VERSION = 1
 MAX_STATE_BYTES = 32 * 1024 * 1024  # some 50,000 volumes; a bigger file is not ours
@@ -40,18 +43,31 @@ class CorruptState(ValueError):
     """The state file's content is unusable; the message says why (no values echoed)."""
 
 
+@dataclass(frozen=True, order=True)
+class ProvisionedOn:
+    """A file system (and the region its volume named, "" for the host's) this agent has made
+    access points on: remembered before the first CreateAccessPoint there, and never
+    forgotten, so `efsplug status` can find access points whose volume is gone."""
+
+    fs_id: str
+    region: str = ""
+
+
 @dataclass(frozen=True)
 class Loaded:
     volumes: Dict[str, Volume]
     quarantined: Optional[Path] = None  # where an unusable file was moved
     problem: Optional[str] = None
+    provisioned_on: Tuple[ProvisionedOn, ...] = ()
 
 
-def encode(volumes: Mapping[str, Volume]) -> bytes:
-    body = {
+def encode(volumes: Mapping[str, Volume], provisioned_on: Tuple[ProvisionedOn, ...] = ()) -> bytes:
+    body: Dict[str, Any] = {
         "version": FORMAT_VERSION,
         "volumes": {name: _volume_dict(v) for name, v in sorted(volumes.items())},
     }
+    if provisioned_on:  # absent until the first access point: older files stay as they were
+        body["provisioned_on"] = [asdict(p) for p in sorted(set(provisioned_on))]
     return (json.dumps(body, indent=1, sort_keys=True) + "\n").encode()
 
 
@@ -65,6 +81,11 @@ def _volume_dict(volume: Volume) -> Dict[str, Any]:
 
 def decode(raw: bytes) -> Dict[str, Volume]:
     """The volumes in raw; CorruptState (nothing else) for anything unusable."""
+    return decode_all(raw)[0]
+
+
+def decode_all(raw: bytes) -> Tuple[Dict[str, Volume], Tuple[ProvisionedOn, ...]]:
+    """The volumes and the file systems provisioned on; CorruptState for anything unusable."""
     try:
         data = parse_json(raw)  # bounded nesting and numbers: a hostile file cannot exhaust us
     except StateError as exc:
@@ -75,7 +96,21 @@ def decode(raw: bytes) -> Dict[str, Volume]:
     if version != FORMAT_VERSION:
         shown_version = version if isinstance(version, int) else "missing or not a number"
         raise CorruptState(f"format version {shown_version} is not {FORMAT_VERSION} (written by another efsplug version?)")
-    return {name: _volume(name, item) for name, item in data["volumes"].items()}
+    volumes = {name: _volume(name, item) for name, item in data["volumes"].items()}
+    return volumes, _provisioned_on(data.get("provisioned_on", []))
+
+
+def _provisioned_on(items: object) -> Tuple[ProvisionedOn, ...]:
+    if not isinstance(items, list) or len(items) > MAX_PROVISIONED_ON:
+        raise CorruptState(f"'provisioned_on' must be a list of at most {MAX_PROVISIONED_ON} file systems")
+    found = []
+    for item in items:
+        if not (isinstance(item, dict) and isinstance(item.get("fs_id"), str) and FS_ID_RE.fullmatch(item["fs_id"])
+                and isinstance(item.get("region", ""), str)
+                and (item.get("region", "") == "" or REGION_RE.fullmatch(item["region"]))):
+            raise CorruptState("'provisioned_on' holds an entry that is not a file system id and region")
+        found.append(ProvisionedOn(item["fs_id"], item.get("region", "")))
+    return tuple(sorted(set(found)))
 
 
 def _volume(name: str, item: object) -> Volume:
@@ -120,7 +155,8 @@ class Store:
             return Loaded({})
         try:
             # Bounded, never blocking (a FIFO), never following a symlink: unusable, not fatal.
-            return Loaded(decode(read_bounded(self.path, MAX_STATE_BYTES)))
+            volumes, provisioned_on = decode_all(read_bounded(self.path, MAX_STATE_BYTES))
+            return Loaded(volumes, provisioned_on=provisioned_on)
         except (CorruptState, StateError) as exc:
             return Loaded({}, self._quarantine(now or datetime.now(timezone.utc)), str(exc))
 
@@ -130,13 +166,13 @@ class Store:
         os.replace(self.path, target)
         return target
 
-    def save(self, volumes: Mapping[str, Volume]) -> None:
+    def save(self, volumes: Mapping[str, Volume], provisioned_on: Tuple[ProvisionedOn, ...] = ()) -> None:
         """Durable before it returns (fsync of the file and of the directory)."""
         try:
             if not self.path.parent.is_dir():
                 # Create only what is missing; an existing directory (/var/lib/ecs/data) keeps its mode.
                 self.path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-            atomic_write(self.path, encode(volumes), FILE_MODE)
+            atomic_write(self.path, encode(volumes, provisioned_on), FILE_MODE)
         except OSError as exc:
             raise StateWriteError(
                 f"cannot write the agent state {self.path}: {exc.strerror or exc}; free space or fix permissions"

@@ -9,6 +9,7 @@ import json
 import os
 import secrets
 import signal
+import subprocess
 import threading
 from pathlib import Path
 from typing import Dict, Iterator, List
@@ -16,7 +17,7 @@ from typing import Dict, Iterator, List
 import pytest
 
 from efsbed import procs
-from efsbed.agent_harness import AgentProcess, PluginClient, start_agent
+from efsbed.agent_harness import EFSPLUG, AgentProcess, PluginClient, start_agent
 from efsbed.aws import DUMMY_ENV, MotoServer, client
 from efsbed.faulty import HoldingProxy
 from efsplug.agent import provisioning
@@ -157,3 +158,31 @@ def test_a_refused_create_is_one_err_and_records_nothing(moto: MotoServer, env: 
             assert c.call("VolumeDriver.List", {}).body["Volumes"] == []
     finally:
         agent.proc.stop()
+
+
+def test_status_names_access_points_whose_volume_this_host_lost(moto: MotoServer, fs_id: str, env: Dict[str, str],
+                                                                tmp_path: Path, tag: str) -> None:
+    agent = start_agent(tmp_path, tag=tag, env=env)
+    try:
+        with PluginClient(agent.socket_path) as c:
+            assert c.call("VolumeDriver.Create", {"Name": "kept", "Opts": opts(fs_id)}).body == {"Err": ""}
+            assert c.call("VolumeDriver.Create", {"Name": "left", "Opts": opts(fs_id, onRemove="keep")}).body == \
+                {"Err": ""}
+            assert c.call("VolumeDriver.Remove", {"Name": "left"}).body == {"Err": ""}
+    finally:
+        agent.proc.stop()
+    (left,) = volume_aps(moto, fs_id, "left")
+    (kept,) = volume_aps(moto, fs_id, "kept")
+    status_env = {**env, "EFSPLUG_CONFIG": str(tmp_path / "efs-utils.conf")}
+    argv = [str(EFSPLUG), "status", "--agent-state", str(agent.state_path)]
+    out = subprocess.run(argv, env=status_env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stdout.splitlines() if line.startswith("access point")]
+    assert lines == [f"access point '{left['AccessPointId']}' of {fs_id} ('/left') was made for volume 'left', which "
+                     "this host does not have; create the volume again to adopt it, or delete the access point if "
+                     "no other host uses it"]
+    assert kept["AccessPointId"] not in out.stdout  # its volume holds it
+    # EFS unreachable: status still answers, naming what it could not check
+    down = subprocess.run(argv, env={**status_env, "AWS_ENDPOINT_URL_EFS": "http://127.0.0.1:9"}, capture_output=True,
+                          text=True, timeout=60)
+    assert down.returncode == 0 and f"access points of {fs_id}: not checked (" in down.stdout, down.stdout

@@ -13,7 +13,7 @@ import pytest
 from efsbed.agent_harness import FakeMounter
 from efsplug.agent import protocol as p
 from efsplug.agent.plugin import Plugin
-from efsplug.agent.store import Store, decode
+from efsplug.agent.store import ProvisionedOn, StateWriteError, Store, decode
 from efsplug.agent.volumes import Volume
 from efsplug.errors import MountFailure
 from efsplug.options import MountRequest
@@ -105,8 +105,12 @@ def test_a_failed_delete_keeps_the_volume_for_a_retry(tmp_path: Path) -> None:
 def test_a_create_that_cannot_be_recorded_deletes_the_access_point(plugin: Plugin, provisioner: Provisioner,
                                                                    monkeypatch: pytest.MonkeyPatch,
                                                                    on_remove: str) -> None:
-    def full_disk(volumes: Any) -> None:
-        raise OSError(28, "No space left on device")
+    save = plugin.store.save
+
+    def full_disk(volumes: Any, *more: Any) -> None:
+        if "v1" in volumes:  # the file system was remembered; recording the volume fails
+            raise OSError(28, "No space left on device")
+        save(volumes, *more)
 
     monkeypatch.setattr(plugin.store, "save", full_disk)
     # never the data: the root directory may hold what an earlier volume of that name left
@@ -127,3 +131,17 @@ def test_bad_provisioning_options_are_one_err_and_make_nothing(plugin: Plugin, p
     err = call(plugin, p.CREATE, {"Name": "v1", "Opts": opts})["Err"]
     assert message in err and "\n" not in err
     assert provisioner.calls == [] and "v1" not in plugin.volumes
+
+
+def test_the_file_system_is_remembered_before_efs_is_asked(plugin: Plugin, provisioner: Provisioner,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    def full_disk(volumes: Any, *more: Any) -> None:
+        raise StateWriteError("cannot write the agent state: No space left on device")
+
+    monkeypatch.setattr(plugin.store, "save", full_disk)
+    assert "No space left" in call(plugin, p.CREATE, {"Name": "v1", "Opts": OPTS})["Err"]
+    assert provisioner.calls == []  # nothing made that status could not find again
+    monkeypatch.undo()
+    assert call(plugin, p.CREATE, {"Name": "v1", "Opts": dict(OPTS, o="iam,region=eu-west-1")}) == {"Err": ""}
+    assert call(plugin, p.REMOVE, {"Name": "v1"}) == {"Err": ""}
+    assert Store(plugin.store.path).load().provisioned_on == (ProvisionedOn(FS, "eu-west-1"),)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from efsplug.agent.store import CorruptState, Store, decode
+from efsplug.agent.store import CorruptState, ProvisionedOn, Store, decode, decode_all, encode
 
 WHEN = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -74,3 +74,21 @@ def test_any_bytes_give_volumes_or_corrupt_state_never_anything_else(raw: bytes)
     except CorruptState:
         return
     assert isinstance(volumes, dict)
+
+
+@pytest.mark.parametrize("entries", [
+    '{"fs_id": "fs-1"}',                              # not a file system id
+    '{"fs_id": "fs-0123456789abcdef0", "region": "us-east-1\\n[x]"}',
+    '{"fs_id": "fs-0123456789abcdef0", "region": 7}',
+    '"fs-0123456789abcdef0"',
+    ", ".join(['{"fs_id": "fs-0123456789abcdef0"}'] * 1001),  # more than status would ever ask EFS about
+])
+def test_remembered_file_systems_that_are_not_file_systems_are_refused(entries: str) -> None:
+    with pytest.raises(CorruptState, match="provisioned_on"):
+        decode_all(('{"version": 1, "volumes": {}, "provisioned_on": [%s]}' % entries).encode())
+
+
+def test_remembered_file_systems_survive_a_round_trip() -> None:
+    remembered = (ProvisionedOn("fs-0123456789abcdef0", "eu-west-1"), ProvisionedOn("fs-0123456789abcdef0"))
+    assert decode_all(encode({}, remembered + remembered[:1])) == ({}, tuple(sorted(remembered)))
+    assert b"provisioned_on" not in encode({})  # files without provisioning stay as they were

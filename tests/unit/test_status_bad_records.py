@@ -45,7 +45,7 @@ def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
 
 
 def test_good_mounts_and_one_line_per_bad_record(state_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert status.run(argparse.Namespace(json=False)) == 0
+    assert status.run(argparse.Namespace(json=False, agent_state=state_dir / "no-agent.json")) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("/mnt/good  fs-01234567:/  ")
     bad = [line for line in out if line.startswith(("unusable record: ", "quarantined record: "))]
@@ -59,7 +59,7 @@ def test_good_mounts_and_one_line_per_bad_record(state_dir: Path, capsys: pytest
 
 
 def test_json_stays_a_list_of_the_good_mounts(state_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert status.run(argparse.Namespace(json=True)) == 0
+    assert status.run(argparse.Namespace(json=True, agent_state=state_dir / "no-agent.json")) == 0
     captured = capsys.readouterr()
     assert [v["mountpoint"] for v in json.loads(captured.out)] == ["/mnt/good"]
     assert len(captured.err.splitlines()) == 7

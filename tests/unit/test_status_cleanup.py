@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Iterator, List, Optional
 
@@ -60,7 +61,8 @@ def host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 
 def run_status(capsys: pytest.CaptureFixture[str]) -> List[str]:
-    assert status.run(argparse.Namespace(json=False)) == 0
+    no_agent = Path(os.environ["EFSPLUG_CONFIG"]).with_name("no-agent.json")
+    assert status.run(argparse.Namespace(json=False, agent_state=no_agent)) == 0
     captured = capsys.readouterr()
     assert SECRET not in captured.out + captured.err
     return captured.out.splitlines()
@@ -95,5 +97,5 @@ def test_status_shows_what_the_running_supervisor_uses(host: Path, capsys: pytes
 
 
 def test_json_output_stays_a_list_of_mounts(host: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert status.run(argparse.Namespace(json=True)) == 0
+    assert status.run(argparse.Namespace(json=True, agent_state=host / "no-agent.json")) == 0
     assert capsys.readouterr().out.strip() == "[]"

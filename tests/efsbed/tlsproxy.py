@@ -35,6 +35,8 @@ DENY_TIMEOUT = 30.0  # how long a refused client may keep sending calls to be de
 TLS_HANDSHAKE_RECORD = 0x16
 CHUNK = 256 * 1024
 BUFFER_LIMIT = 4 * 1024 * 1024  # stop reading a side while this much waits to be written
+# OpenSSL's SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER (pyOpenSSL exports no name for it).
+MODE_ACCEPT_MOVING_WRITE_BUFFER = 0x2
 
 
 class Refused(Exception):
@@ -77,6 +79,10 @@ class Endpoint:
         # handshake with "session id context uninitialized", i.e. every other reconnect).
         ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
         ctx.set_options(SSL.OP_NO_TICKET)
+        # Relay retries a send that wanted a write with a fresh bytes copy of its buffer, which
+        # OpenSSL refuses unless this mode is set ("bad write retry"). pyOpenSSL >= 23 sets it
+        # itself; under 22 (the AL2023 venv) the relay dropped the connection mid-stream.
+        ctx.set_mode(MODE_ACCEPT_MOVING_WRITE_BUFFER)
         return ctx
 
     def reload(self) -> None:

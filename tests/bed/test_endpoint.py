@@ -3,11 +3,15 @@ and by the host's stunnel client, and its IAM admission with product-built certi
 
 from __future__ import annotations
 
+import os
+import secrets
 import select
 import shutil
+import signal
 import socket
 import socketserver
 import ssl
+import stat
 import subprocess
 import threading
 import time
@@ -15,13 +19,16 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterator, List, Optional
 
+import psutil
 import pytest
 
 from efsbed import iam, procs
+from efsbed.aws import MotoServer, client
 from efsbed.ca import BedCA
 from efsbed.credentials import BedCredentials
+from efsbed.dynamic_exports import ACCESS_POINT_NOT_FOUND, OTHER_FILE_SYSTEM, ROOT_MISSING
 from efsbed.endpoint import EfsEndpoint
-from efsbed.ganesha import Ganesha
+from efsbed.ganesha import AllSquash, Ganesha, ganesha_config
 from efsplug import certificate
 from efsplug.sigv4 import AwsCredentials
 
@@ -495,3 +502,237 @@ def test_nfs_read_through_stunnel_iam_endpoint_and_ganesha(stunnel, bed: Path, c
             )
             assert (out.returncode, out.stdout.decode()) == (0, expected), out.stderr
         assert [e["event"] for e in ep.connection_events()] == ["accepted", "accepted"]
+
+
+# --- access points created at run time in moto --------------------------------------------
+
+def test_ganesha_config_squashes_every_caller_to_the_access_point_user(tmp_path: Path) -> None:
+    squashed = ganesha_config(port=2049, export_dir=tmp_path, recovery_dir=tmp_path / "r", squash=AllSquash(4242, 4343))
+    export = [line.strip() for line in squashed[squashed.index("EXPORT {"):].splitlines()]
+    assert {"Squash = All_Squash;", "Anonymous_Uid = 4242;", "Anonymous_Gid = 4343;"} <= set(export)
+    assert "No_Root_Squash" not in squashed
+    plain = ganesha_config(port=2049, export_dir=tmp_path, recovery_dir=tmp_path / "r")
+    assert "Squash = No_Root_Squash;" in plain and "Anonymous_" not in plain
+
+
+@pytest.fixture(scope="module")
+def moto(bed: Path, tag: str) -> Iterator[MotoServer]:
+    with MotoServer(bed / "moto", tag=tag) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def efs(moto: MotoServer):
+    return client("efs", moto.endpoint_url, REGION)
+
+
+def new_file_system(efs) -> str:
+    return efs.create_file_system(CreationToken=secrets.token_hex(8))["FileSystemId"]
+
+
+@pytest.fixture(scope="module")
+def moto_fs(efs) -> str:
+    return new_file_system(efs)
+
+
+@pytest.fixture(scope="module")
+def runtime_root(bed: Path) -> Path:
+    """The file system root on the host, as the bed's export_dir is."""
+    root = bed / "runtime-fs"
+    root.mkdir()
+    return root
+
+
+def runtime_endpoint(workdir: Path, *, fs_id: str, ca: BedCA, creds: BedCredentials, moto: MotoServer,
+                     root_export_dir: Path, root_port: int, tag: str) -> EfsEndpoint:
+    return EfsEndpoint(workdir, fs_id=fs_id, region=REGION, ca=ca, credentials=creds, tag=tag,
+                       routes={None: root_port}, moto_url=moto.endpoint_url, root_export_dir=root_export_dir)
+
+
+@pytest.fixture(scope="module")
+def dyn_endpoint(bed: Path, ca: BedCA, creds: BedCredentials, moto: MotoServer, moto_fs: str, runtime_root: Path,
+                 backends: dict, tag: str) -> Iterator[EfsEndpoint]:
+    with runtime_endpoint(bed / "dyn-endpoint", fs_id=moto_fs, ca=ca, creds=creds, moto=moto,
+                          root_export_dir=runtime_root, root_port=backends["root"].port, tag=tag) as ep:
+        yield ep
+
+
+def create_access_point(efs, fs_id: str, root: str, *, uid: int = 4242, gid: int = 4242,
+                        permissions: Optional[str] = "0750") -> str:
+    directory: dict = {"Path": root}
+    if permissions is not None:
+        directory["CreationInfo"] = {"OwnerUid": uid, "OwnerGid": gid, "Permissions": permissions}
+    made = efs.create_access_point(FileSystemId=fs_id, PosixUser={"Uid": uid, "Gid": gid}, RootDirectory=directory)
+    return made["AccessPointId"]
+
+
+def connect_naming(ep: EfsEndpoint, ca: BedCA, key, directory: Path, access_point: str) -> dict:
+    """One TLS connection whose certificate names access_point: the endpoint's event for it.
+
+    The endpoint decides before the client sends anything, so the connection stays open
+    only until the event is written.
+    """
+    cert = write_client_cert(directory / access_point, key, fs_id=ep.fs_id, access_point=access_point)
+    before = len(ep.connection_events())
+    with tls_client(ep.port, cafile=ca.cert_path, server_name=ep.dns_name, client_cert=cert):
+        found = new_events(ep, before)
+    assert len(found) == 1, found
+    return found[0]
+
+
+def exports_started(ep: EfsEndpoint, access_point: str) -> List[dict]:
+    return [e for e in ep.events() if e.get("event") == "export_started" and e.get("access_point") == access_point]
+
+
+def ganesha_children(ep: EfsEndpoint) -> List[psutil.Process]:
+    return [p for p in psutil.Process(ep.pid).children() if p.name() == "ganesha.nfsd"]
+
+
+def owner_and_mode(path: Path) -> tuple:
+    st = path.stat()
+    return st.st_uid, st.st_gid, oct(stat.S_IMODE(st.st_mode))
+
+
+def test_access_point_created_at_run_time_gets_its_own_squashing_ganesha(
+        dyn_endpoint: EfsEndpoint, efs, moto_fs: str, runtime_root: Path, ca: BedCA, client_key, backends: dict,
+        tmp_path: Path) -> None:
+    ap = create_access_point(efs, moto_fs, "/dyn/app")
+    assert not (runtime_root / "dyn").exists()
+    event = connect_naming(dyn_endpoint, ca, client_key, tmp_path, ap)
+    assert (event["event"], event["reason"], event["access_point"]) == ("accepted", "", ap)
+    port = event["backend_port"]
+    assert port != backends["root"].port
+    assert [(e["root"], e["uid"], e["gid"], e["backend_port"]) for e in exports_started(dyn_endpoint, ap)] == [
+        ("/dyn/app", 4242, 4242, port)]
+    procs.wait_for_port(port, timeout=5.0)  # a ganesha listens there
+    (child,) = [p for p in ganesha_children(dyn_endpoint) if any(ap in arg for arg in p.cmdline())]
+    conf = (Path(child.cmdline()[child.cmdline().index("-f") + 1])).read_text()
+    assert f"NFS_Port = {port};" in conf and "Anonymous_Uid = 4242;" in conf
+    # Created from CreationInfo, the missing parent too (it did not exist either).
+    assert owner_and_mode(runtime_root / "dyn" / "app") == (4242, 4242, "0o750")
+    assert owner_and_mode(runtime_root / "dyn") == (4242, 4242, "0o750")
+
+    again = connect_naming(dyn_endpoint, ca, client_key, tmp_path, ap)
+    assert (again["event"], again["backend_port"]) == ("accepted", port)
+    assert len(exports_started(dyn_endpoint, ap)) == 1  # reused, not started again
+
+
+def test_two_first_connections_start_one_ganesha(dyn_endpoint: EfsEndpoint, efs, moto_fs: str, ca: BedCA,
+                                                 client_key, tmp_path: Path) -> None:
+    ap = create_access_point(efs, moto_fs, "/dyn/together")
+    cert = write_client_cert(tmp_path, client_key, fs_id=moto_fs, access_point=ap)
+    before = len(dyn_endpoint.connection_events())
+    ready = threading.Barrier(2)
+    release = threading.Event()
+    errors: List[BaseException] = []
+
+    def client_thread() -> None:
+        try:
+            ready.wait(10)
+            with tls_client(dyn_endpoint.port, cafile=ca.cert_path, server_name=dyn_endpoint.dns_name,
+                            client_cert=cert):
+                release.wait(30)  # held open until both were decided
+        except BaseException as e:  # reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=client_thread) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        events = new_events(dyn_endpoint, before, 2)
+    finally:
+        release.set()
+        for t in threads:
+            t.join(30)
+    assert not errors, errors
+    assert [(e["event"], e["access_point"]) for e in events] == [("accepted", ap)] * 2
+    assert len({e["backend_port"] for e in events}) == 1
+    assert len(exports_started(dyn_endpoint, ap)) == 1
+
+
+def test_root_directory_without_creation_info_must_exist(dyn_endpoint: EfsEndpoint, efs, moto_fs: str,
+                                                         runtime_root: Path, ca: BedCA, client_key,
+                                                         tmp_path: Path) -> None:
+    missing = create_access_point(efs, moto_fs, "/not/there", permissions=None)
+    event = connect_naming(dyn_endpoint, ca, client_key, tmp_path, missing)
+    assert (event["event"], event["reason"]) == ("refused", ROOT_MISSING)
+    assert not (runtime_root / "not").exists() and exports_started(dyn_endpoint, missing) == []
+
+    (runtime_root / "made-by-hand").mkdir()
+    existing = create_access_point(efs, moto_fs, "/made-by-hand", permissions=None)
+    assert connect_naming(dyn_endpoint, ca, client_key, tmp_path, existing)["event"] == "accepted"
+    assert owner_and_mode(runtime_root / "made-by-hand")[:2] == (0, 0)  # left as it was
+
+
+def test_unknown_access_point_is_refused(dyn_endpoint: EfsEndpoint, ca: BedCA, client_key, tmp_path: Path) -> None:
+    unknown = "fsap-" + secrets.token_hex(9)[:17]
+    event = connect_naming(dyn_endpoint, ca, client_key, tmp_path, unknown)
+    assert (event["event"], event["reason"], event["access_point"]) == ("refused", ACCESS_POINT_NOT_FOUND, unknown)
+
+
+def test_access_point_deleted_in_moto_is_refused_from_then_on(dyn_endpoint: EfsEndpoint, efs, moto_fs: str,
+                                                              ca: BedCA, client_key, tmp_path: Path) -> None:
+    ap = create_access_point(efs, moto_fs, "/dyn/short-lived")
+    assert connect_naming(dyn_endpoint, ca, client_key, tmp_path, ap)["event"] == "accepted"
+    efs.delete_access_point(AccessPointId=ap)
+    event = connect_naming(dyn_endpoint, ca, client_key, tmp_path, ap)
+    assert (event["event"], event["reason"]) == ("refused", ACCESS_POINT_NOT_FOUND)
+
+
+def test_access_point_of_another_file_system_is_refused(dyn_endpoint: EfsEndpoint, efs, runtime_root: Path,
+                                                        ca: BedCA, client_key, tmp_path: Path) -> None:
+    foreign = create_access_point(efs, new_file_system(efs), "/foreign")
+    event = connect_naming(dyn_endpoint, ca, client_key, tmp_path, foreign)
+    assert (event["event"], event["reason"]) == ("refused", OTHER_FILE_SYSTEM)
+    assert not (runtime_root / "foreign").exists() and exports_started(dyn_endpoint, foreign) == []
+
+
+NFS_CP = shutil.which("nfs-cp")
+
+
+@pytest.mark.skipif(NFS_CP is None, reason="libnfs-utils (nfs-cp) not installed")
+def test_nfs_write_as_root_through_a_runtime_access_point_is_squashed(
+        stunnel, dyn_endpoint: EfsEndpoint, efs, moto_fs: str, runtime_root: Path, ca: BedCA, client_key,
+        tmp_path: Path) -> None:
+    ap = create_access_point(efs, moto_fs, "/nfs/app", uid=4343, gid=4344, permissions="0770")
+    cert = write_client_cert(tmp_path / "cert", client_key, fs_id=moto_fs, access_point=ap)
+    t = stunnel(connect_port=dyn_endpoint.port, cafile=ca.cert_path, check_host=dyn_endpoint.dns_name,
+                client_cert=cert)
+    source = tmp_path / "in.txt"
+    source.write_text("written as root\n")
+    out = subprocess.run([NFS_CP, str(source), f"nfs://127.0.0.1//made.txt?version=4&nfsport={t.port}"],
+                         capture_output=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    made = runtime_root / "nfs" / "app" / "made.txt"
+    assert made.read_text() == "written as root\n"
+    assert owner_and_mode(made)[:2] == (4343, 4344)  # libnfs calls as uid 0: squashed to the PosixUser
+
+
+@pytest.mark.parametrize("how", ["stop", "sigterm to the endpoint alone", "endpoint killed, then stop"])
+def test_runtime_ganeshas_do_not_outlive_the_endpoint(how: str, ca: BedCA, creds: BedCredentials, moto: MotoServer,
+                                                      efs, moto_fs: str, client_key, backends: dict,
+                                                      tmp_path: Path) -> None:
+    own_tag = procs.new_tag()  # only this endpoint and what it starts
+    root = tmp_path / "fs"
+    root.mkdir()
+    ep = runtime_endpoint(tmp_path / "ep", fs_id=moto_fs, ca=ca, creds=creds, moto=moto, root_export_dir=root,
+                          root_port=backends["root"].port, tag=own_tag).start()
+    try:
+        ap = create_access_point(efs, moto_fs, "/hygiene")
+        assert connect_naming(ep, ca, client_key, tmp_path, ap)["event"] == "accepted"
+        (child,) = ganesha_children(ep)
+        assert os.getpgid(child.pid) == ep.pid  # in the endpoint's process group, which procs.stop signals
+        if how == "stop":
+            ep.stop()
+        elif how == "sigterm to the endpoint alone":
+            os.kill(ep.pid, signal.SIGTERM)  # not its group: the endpoint must stop its children itself
+            procs.wait_until(lambda: not procs.tagged_processes(own_tag), 20.0, "the endpoint and its ganesha to exit")
+        else:
+            os.kill(ep.pid, signal.SIGKILL)  # no chance to clean up: the group stop must take the child
+            procs.wait_until(lambda: not ep.alive(), 10.0, "the endpoint to die")
+            assert child.is_running()
+            ep.stop()
+        assert procs.tagged_processes(own_tag) == []
+    finally:
+        ep.stop()
+        assert procs.tagged_processes(own_tag) == []

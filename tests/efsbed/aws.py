@@ -10,9 +10,10 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import botocore.session
+from botocore.config import Config
 
 from efsbed import procs
 
@@ -65,12 +66,14 @@ class MotoServer(procs.Service):
         return self
 
 
-def client(service: str, endpoint_url: str, region: str):
+def client(service: str, endpoint_url: str, region: str, config: Optional[Config] = None):
+    """A botocore client for moto; config sets timeouts and retries where a caller must not hang."""
     session = botocore.session.get_session()
     return session.create_client(
         service, region_name=region, endpoint_url=endpoint_url,
         aws_access_key_id=DUMMY_ENV["AWS_ACCESS_KEY_ID"],
         aws_secret_access_key=DUMMY_ENV["AWS_SECRET_ACCESS_KEY"],
+        config=config,
     )
 
 

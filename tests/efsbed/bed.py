@@ -123,6 +123,9 @@ class Bed:
         self.endpoint = self._keep(EfsEndpoint(
             self.workdir / "endpoint", fs_id=self.fs_id, region=self.region, ca=self.ca, routes=routes,
             credentials=self.credentials, iam_required=self.iam_required, tag=self.tag,
+            # Access points a test creates in moto at run time are served too, as EFS would.
+            moto_url=self.moto.endpoint_url, root_export_dir=self.export_dir,
+            dynamic_workdir=self.workdir / "ganesha" / "runtime-access-points",
         ).start())
         self.imds = self._keep(InstanceMetadata(
             self.region, self.az, self.seeded.availability_zone_id, self.credentials).start())

@@ -41,6 +41,15 @@ class EndpointConfig:
     routes: Dict[str, int]  # access point id ("" = none) -> backend port on 127.0.0.1
     iam_required: bool
     generation: int = 0
+    # Access points created at run time (efsbed.dynamic_exports); all empty = feature off.
+    # Read once at start: a reload does not change them.
+    moto_url: str = ""  # where to ask DescribeAccessPoints
+    root_export_dir: str = ""  # the file system root on the host; access point roots live under it
+    dynamic_workdir: str = ""  # their ganesha configs, logs and recovery dirs
+
+    @property
+    def dynamic_access_points(self) -> bool:
+        return bool(self.moto_url)
 
     @classmethod
     def load(cls, path: Path) -> "EndpointConfig":
@@ -66,6 +75,9 @@ class EfsEndpoint(procs.Service):
         credentials: BedCredentials,
         iam_required: bool = False,
         tag: str,
+        moto_url: str = "",
+        root_export_dir: Optional[Path] = None,
+        dynamic_workdir: Optional[Path] = None,
     ) -> None:
         self.workdir = workdir
         self.fs_id = fs_id
@@ -75,6 +87,11 @@ class EfsEndpoint(procs.Service):
         self._credentials = credentials
         self._routes = {(k or NO_ACCESS_POINT): v for k, v in routes.items()}
         self._iam_required = iam_required
+        if moto_url and root_export_dir is None:
+            raise ValueError("access points from moto need root_export_dir (where their roots live)")
+        self._moto_url = moto_url
+        self._root_export_dir = root_export_dir
+        self._dynamic_workdir = dynamic_workdir or workdir / "access-points"
         self._config: Optional[EndpointConfig] = None
         self.config_path = workdir / "endpoint.json"
         self.events_path = workdir / "events.jsonl"
@@ -87,6 +104,13 @@ class EfsEndpoint(procs.Service):
     def routes(self) -> Dict[Optional[str], int]:
         """Access point id (None: the file system root) -> its NFS server's port, as reconfigure takes them."""
         return {(k or None): v for k, v in self._routes.items()}
+
+    @property
+    def pid(self) -> int:
+        """The endpoint process (the leader of its process group)."""
+        if self._process is None:
+            raise RuntimeError("endpoint not started")
+        return self._process.pid
 
     @property
     def dns_name(self) -> str:
@@ -110,6 +134,9 @@ class EfsEndpoint(procs.Service):
             events_path=str(self.events_path),
             routes=dict(self._routes),
             iam_required=self._iam_required,
+            moto_url=self._moto_url,
+            root_export_dir=str(self._root_export_dir.resolve()) if self._moto_url and self._root_export_dir else "",
+            dynamic_workdir=str(self._dynamic_workdir) if self._moto_url else "",
         )
         self._config.save(self.config_path)
         env = dict(os.environ)

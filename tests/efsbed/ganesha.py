@@ -6,14 +6,32 @@ each on its own loopback port; the host kernel has no NFS server of its own.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from efsbed import procs
 
 GANESHA = "/usr/bin/ganesha.nfsd"
 
 
-def ganesha_config(*, port: int, export_dir: Path, recovery_dir: Path) -> str:
+@dataclass(frozen=True)
+class AllSquash:
+    """Every caller, root included, acts as uid:gid: how an access point's PosixUser is enforced."""
+
+    uid: int
+    gid: int
+
+
+def _squash_lines(squash: Optional[AllSquash]) -> str:
+    # The file system root and the bed's seeded access points keep No_Root_Squash (IAM-less
+    # root mounts see a plain EFS); only runtime access points map callers to their user.
+    if squash is None:
+        return "Squash = No_Root_Squash;"
+    return f"Squash = All_Squash;\n    Anonymous_Uid = {squash.uid};\n    Anonymous_Gid = {squash.gid};"
+
+
+def ganesha_config(*, port: int, export_dir: Path, recovery_dir: Path, squash: Optional[AllSquash] = None) -> str:
     # Graceless: a fresh server must serve at once instead of waiting out a grace period.
     return f"""\
 NFS_CORE_PARAM {{
@@ -35,7 +53,7 @@ EXPORT {{
     Path = {export_dir};
     Pseudo = /;
     Access_Type = RW;
-    Squash = No_Root_Squash;
+    {_squash_lines(squash)}
     SecType = sys;
     Protocols = 4;
     Transports = TCP;

@@ -7,6 +7,9 @@ Like a real mount target, port 2049 also takes plain NFS: the first byte of a co
 tells them apart (0x16 opens a TLS handshake record; an ONC RPC record marker starts with
 the last-fragment bit, 0x80). Plain NFS goes to the file system root's export unless
 IAM is required, which plain NFS cannot satisfy.
+
+Access points outside the static routes are looked up in moto and get their own ganesha
+when the endpoint is configured for it (efsbed.dynamic_exports).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from OpenSSL import SSL
 
 from efsbed import iam
 from efsbed.credentials import BedCredentials
+from efsbed.dynamic_exports import AccessPointLookup, AccessPointRefused, DynamicExports
 from efsbed.rpcdeny import deny_over_tls, deny_plain
 from efsbed.endpoint import NO_ACCESS_POINT, EndpointConfig
 
@@ -64,6 +68,24 @@ class Endpoint:
         self.events = EventLog(Path(self.config.events_path))
         self.credentials = BedCredentials(Path(self.config.credentials_path))
         self.context = self._context()
+        self.dynamic = self._dynamic_exports()
+
+    def _dynamic_exports(self) -> Optional[DynamicExports]:
+        config = self.config
+        if not config.dynamic_access_points:
+            return None
+        if not (config.root_export_dir and config.dynamic_workdir):
+            raise ValueError("moto_url needs root_export_dir and dynamic_workdir")
+        return DynamicExports(
+            fs_id=config.fs_id, lookup=AccessPointLookup(config.moto_url, config.region),
+            root_export_dir=Path(config.root_export_dir), workdir=Path(config.dynamic_workdir),
+            report=self.events.write,
+        )
+
+    def stop(self) -> None:
+        """SIGTERM: the ganesha processes this endpoint started go with it."""
+        if self.dynamic is not None:
+            self.dynamic.stop_all()
 
     def _context(self) -> SSL.Context:
         ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
@@ -115,6 +137,11 @@ class Endpoint:
             if identity.access_key_id is None and config.iam_required:
                 raise Refused("IAM authorization required")
         port = config.routes.get(identity.access_point or NO_ACCESS_POINT)
+        if port is None and identity.access_point and self.dynamic is not None:
+            try:
+                return self.dynamic.route(identity.access_point)
+            except AccessPointRefused as e:
+                raise Refused(str(e)) from None
         if port is None:
             raise Refused("unknown access point" if identity.access_point else "no route without access point")
         return port
@@ -411,6 +438,13 @@ def _shutdown_write(sock: socket.socket) -> None:
 
 def serve(config_path: Path) -> int:
     endpoint = Endpoint(config_path)
+
+    def terminate(*_: object) -> None:
+        endpoint.stop()
+        # Out of accept() in the main thread; the connection threads are daemons.
+        raise SystemExit(0)
+
     signal.signal(signal.SIGHUP, lambda *_: endpoint.reload())
+    signal.signal(signal.SIGTERM, terminate)
     endpoint.serve_forever()
     return 0

@@ -80,8 +80,11 @@ class AccessPointProvisioner:
             raise AccessPointError(f"volume {shown(volume.name)}: this agent cannot mount to delete data; "
                                    "use onRemove=deleteAccessPoint")
         # One fixed place per volume: a retry after a crash finds (and unmounts) what it left.
-        mountpoint = Path(self._config().efsplug.state_dir) / DELETING_DIR / volume.name
-        mountpoint.mkdir(mode=0o700, parents=True, exist_ok=True)
+        parent = Path(self._config().efsplug.state_dir) / DELETING_DIR
+        parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # As the kernel names it: the state dir is /var/run/efs, and /var/run is a symlink to /run.
+        mountpoint = Path(os.path.realpath(parent)) / volume.name
+        mountpoint.mkdir(mode=0o700, exist_ok=True)
         if self._mounter.is_mounted(str(mountpoint)):
             self._mounter.unmount(str(mountpoint))
         self._mounter.mount(replace(request, path="/", mountpoint=str(mountpoint)))

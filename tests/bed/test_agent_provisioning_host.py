@@ -186,3 +186,24 @@ def test_status_names_access_points_whose_volume_this_host_lost(moto: MotoServer
     down = subprocess.run(argv, env={**status_env, "AWS_ENDPOINT_URL_EFS": "http://127.0.0.1:9"}, capture_output=True,
                           text=True, timeout=60)
     assert down.returncode == 0 and f"access points of {fs_id}: not checked (" in down.stdout, down.stdout
+
+
+def test_delete_data_refuses_a_directory_another_access_point_uses(moto: MotoServer, fs_id: str,
+                                                                   env: Dict[str, str], tmp_path: Path,
+                                                                   tag: str) -> None:
+    agent = start_agent(tmp_path, tag=tag, env=env)
+    try:
+        with PluginClient(agent.socket_path) as c:
+            for name in ("one", "two"):  # rootName without {volume}: both get /team
+                assert c.call("VolumeDriver.Create", {"Name": name, "Opts": opts(
+                    fs_id, rootName="team", onRemove="deleteData")}).body == {"Err": ""}
+            (two,) = volume_aps(moto, fs_id, "two")
+            err = c.call("VolumeDriver.Remove", {"Name": "one"}).body["Err"]
+            assert err == (f"volume 'one': the data under '/team' was kept because access point "
+                           f"'{two['AccessPointId']}' uses '/team'; delete it by hand, or use "
+                           "onRemove=deleteAccessPoint")
+            assert len(volume_aps(moto, fs_id, "one")) == 1  # nothing deleted: Remove can be retried
+            assert [v["Name"] for v in c.call("VolumeDriver.List", {}).body["Volumes"]] == ["one", "two"]
+    finally:
+        agent.proc.stop()
+    assert not (tmp_path / "efs-state" / "deleting").exists()  # refused before anything was mounted

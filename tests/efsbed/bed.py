@@ -37,6 +37,8 @@ IMDS_IP, ECS_IP = "169.254.169.254", "169.254.170.2"
 MT_IPV6 = "2001:db8:ef5::2049"
 # An NFS server without TLS or EFS in front: ganesha's root export, for type=nfs4 volumes.
 NFS_IP = "203.0.113.49"
+# The EFS API (the bed's moto), for the agent's access points on demand in the guest.
+EFS_API_IP = "203.0.113.80"
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,7 @@ class Bed:
                 Forward(NFS_IP, 2049, self.nfs_port),
                 Forward(IMDS_IP, 80, self.imds.port),
                 Forward(ECS_IP, 80, self.task_credentials.port),
+                Forward(EFS_API_IP, 80, self.moto.port),
             ],
             # ipv6only.<name>: a name with only an AAAA record, as an IPv6-only target's has.
             hosts={self.dns_name: mt_ip, f"{self.az}.{self.dns_name}": mt_ip, f"ipv6only.{self.dns_name}": MT_IPV6},
@@ -168,6 +171,10 @@ class Bed:
         ))
         self.guest.start()
         self.write_guest_config(f"[mount]\nstunnel_cafile = {self.ca.cert_path}\n")
+
+    def efs_api_env(self) -> Dict[str, str]:
+        """What points botocore in the guest at the bed's EFS API (its standard variable)."""
+        return {"AWS_ENDPOINT_URL_EFS": f"http://{EFS_API_IP}"}
 
     def write_guest_config(self, text: str) -> None:
         """Replace the guest's /etc/amazon/efs/efs-utils.conf."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Mapping, Optional
 
 from efsbed.bed import REPO, Bed
 from efsbed.procs import wait_until
@@ -18,13 +18,14 @@ EFSPLUG = str(REPO / ".venv" / "bin" / "efsplug")
 class GuestAgent:
     """`efsplug agent` with its defaults, spawned inside the guest."""
 
-    def __init__(self, bed: Bed) -> None:
+    def __init__(self, bed: Bed, env: Optional[Mapping[str, str]] = None) -> None:
         self.bed = bed
+        self.env = env  # added to the guest's environment
         self.pid: Optional[int] = None
 
     def start(self, timeout: float = 60) -> None:
         self.bed.run(["rm", "-f", AGENT_LOG])
-        self.pid = self.bed.guest.spawn([str(REPO / ".venv" / "bin" / "efsplug"), "agent"], log=AGENT_LOG)
+        self.pid = self.bed.guest.spawn([str(REPO / ".venv" / "bin" / "efsplug"), "agent"], log=AGENT_LOG, env=self.env)
         deadline = time.monotonic() + timeout
         while "serving" not in self.log():
             assert self.bed.guest.kill(self.pid, 0), f"the agent exited:\n{self.log()}"

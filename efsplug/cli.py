@@ -19,6 +19,7 @@ SUBCOMMANDS: Dict[str, Tuple[str, str]] = {
     "agent": ("efsplug.agent.command", "serve the Docker volume plugin for ECS and supervise its mounts"),
     "supervise": ("efsplug.supervisor.command", "supervise mounts made by mount.efs (hosts without the agent)"),
     "status": ("efsplug.status", "show every efs mount, its tunnel and its credentials"),
+    "doctor": ("efsplug.doctor.command", "say why a mount fails or would fail, and the fix, without mounting"),
 }
 
 

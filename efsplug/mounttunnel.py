@@ -69,7 +69,7 @@ def start_tunnel(
         ocsp=request.ocsp if request.ocsp is not None else mount_config.stunnel_check_cert_validity,
         fips=mount_config.fips_mode_enabled,
     )
-    binary = _stunnel_binary(config)
+    binary = stunnel_binary(config)
     template = state.MountRecord(
         fs_id=request.fs_id, mountpoint=str(request.mountpoint), path=request.path,
         access_point=request.accesspoint, netns=request.netns, region=region, tls=True, iam=request.iam,
@@ -220,7 +220,7 @@ def _port_range(request: MountRequest, mount_config: MountConfig) -> Tuple[int, 
     return mount_config.port_range_lower_bound, mount_config.port_range_upper_bound
 
 
-def _stunnel_binary(config: Config) -> str:
+def stunnel_binary(config: Config) -> str:
     for name in ([config.efsplug.stunnel] if config.efsplug.stunnel else STUNNEL_NAMES):
         found = shutil.which(name)
         if found:

@@ -16,33 +16,24 @@ import pytest
 
 from efsbed.bed import NFS_IP, Bed
 from efsbed.docker import IMAGE, SEED, GuestDocker
-from efsbed.guestdaemons import GuestAgent
+from efsbed.guestdaemons import GuestAgent, serving_agent
 
 pytestmark = pytest.mark.guest
 
 DRIVER = "amazon-ecs-volume-plugin"
-SOCKET = f"/run/docker/plugins/{DRIVER}.sock"
 ROOT = "/var/lib/ecs/volumes"
 
 
 @pytest.fixture(scope="module")
-def docker(bed: Bed, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GuestDocker]:
-    engine = GuestDocker(bed.guest, bed.workdir)
-    try:
-        yield engine.start()
-    finally:
-        engine.stop()
+def docker(bed: Bed) -> Iterator[GuestDocker]:
+    with GuestDocker(bed.guest, bed.workdir) as engine:
+        yield engine
 
 
 @pytest.fixture(scope="module")
 def agent(bed: Bed, docker: GuestDocker) -> Iterator[GuestAgent]:
-    a = GuestAgent(bed)
-    a.start()
-    try:
+    with serving_agent(bed) as a:
         yield a
-    finally:
-        a.stop()
-        bed.run(["rm", "-rf", "/var/lib/ecs", SOCKET])
 
 
 def nfs_mounts(bed: Bed) -> List[str]:

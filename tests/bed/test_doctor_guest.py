@@ -16,7 +16,7 @@ import pytest
 from efsbed.aws import client
 from efsbed.bed import Bed
 from efsbed.ca import BedCA
-from efsbed.guestdaemons import EFSPLUG, GuestAgent
+from efsbed.guestdaemons import EFSPLUG, GuestAgent, serving_agent
 
 pytestmark = pytest.mark.guest
 
@@ -41,13 +41,11 @@ def agent(bed: Bed) -> Iterator[GuestAgent]:
     """The agent on its plugin socket, and the ECS config that sends ECS to it."""
     bed.run(["mkdir", "-p", "/etc/ecs"], check=True)
     bed.run(["tee", ECS_CONFIG], input=("ECS_CLUSTER=doctor\n" + EFS_AUTH).encode(), check=True)
-    a = GuestAgent(bed, env=bed.efs_api_env())
-    a.start()
     try:
-        yield a
+        with serving_agent(bed, bed.efs_api_env()) as a:
+            yield a
     finally:
-        a.stop()
-        bed.run(["rm", "-rf", "/var/lib/ecs", "/etc/ecs", "/run/docker/plugins"])
+        bed.run(["rm", "-rf", "/etc/ecs"])
 
 
 def doctor(bed: Bed, options: str = "", *, device: Optional[str] = None, env: Optional[Dict[str, str]] = None,

@@ -15,35 +15,26 @@ import pytest
 from efsbed.aws import client
 from efsbed.bed import Bed
 from efsbed.docker import IMAGE, GuestDocker
-from efsbed.guestdaemons import REPO, GuestAgent
+from efsbed.guestdaemons import PLUGIN_SOCKET, REPO, GuestAgent, serving_agent
 from efsplug.agent import provisioning
 
 pytestmark = pytest.mark.guest
 
 DRIVER = "amazon-ecs-volume-plugin"
-SOCKET = f"/run/docker/plugins/{DRIVER}.sock"
 ROOT = "/var/lib/ecs/volumes"
 GIDS = "61000-61099"  # none of the bed's seeded access points (1000) is in it
 
 
 @pytest.fixture(scope="module")
 def docker(bed: Bed) -> Iterator[GuestDocker]:
-    engine = GuestDocker(bed.guest, bed.workdir)
-    try:
-        yield engine.start()
-    finally:
-        engine.stop()
+    with GuestDocker(bed.guest, bed.workdir) as engine:
+        yield engine
 
 
 @pytest.fixture(scope="module")
 def agent(bed: Bed, docker: GuestDocker) -> Iterator[GuestAgent]:
-    a = GuestAgent(bed, env=bed.efs_api_env())  # the EFS API: the bed's moto, reached from the guest
-    a.start()
-    try:
+    with serving_agent(bed, bed.efs_api_env()) as a:  # the EFS API: the bed's moto, from the guest
         yield a
-    finally:
-        a.stop()
-        bed.run(["rm", "-rf", "/var/lib/ecs", SOCKET])
 
 
 def volume_aps(bed: Bed, volume: str) -> List[dict]:
@@ -108,7 +99,7 @@ def test_two_provisioned_volumes_are_isolated_and_rm_deletes_what_it_says(
 
 def replay(bed: Bed, steps: List[list]) -> List[Dict]:
     """The requests, over the agent's socket from inside the guest, as dockerd sends them."""
-    res = bed.run([str(REPO / ".venv" / "bin" / "python"), "-m", "efsbed.plugin_replay", SOCKET, json.dumps(steps)],
+    res = bed.run([str(REPO / ".venv" / "bin" / "python"), "-m", "efsbed.plugin_replay", PLUGIN_SOCKET, json.dumps(steps)],
                   env={"PYTHONPATH": str(REPO / "tests")}, timeout=300)
     assert res.rc == 0, res.stderr
     return json.loads(res.stdout)

@@ -74,6 +74,16 @@ class GuestDocker:
         self.docker("import", str(tarball), IMAGE, check=True)
         return self
 
+    def __enter__(self) -> "GuestDocker":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()  # what a start cut short left: the engine, its data root
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def log_tail(self, lines: int = 30) -> str:
         return self.guest.run(["tail", f"-n{lines}", LOG]).stdout
 

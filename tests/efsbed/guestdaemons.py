@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import time
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, Iterator, List, Mapping, Optional
 
 from efsbed.bed import REPO, Bed
 from efsbed.procs import wait_until
@@ -13,6 +14,7 @@ from efsbed.procs import wait_until
 STATE = "/var/lib/ecs/data/efsplug-volumes.json"
 AGENT_LOG = "/var/log/bed/efsplug-agent.log"
 EFSPLUG = str(REPO / ".venv" / "bin" / "efsplug")
+PLUGIN_SOCKET = "/run/docker/plugins/amazon-ecs-volume-plugin.sock"
 
 
 class GuestAgent:
@@ -47,6 +49,18 @@ class GuestAgent:
 
     def state(self) -> Dict[str, dict]:
         return json.loads(self.bed.run(["cat", STATE]).stdout)["volumes"]
+
+
+@contextlib.contextmanager
+def serving_agent(bed: Bed, env: Optional[Mapping[str, str]] = None) -> Iterator[GuestAgent]:
+    """The agent serving its plugin socket; afterwards its state, volumes and socket are gone."""
+    agent = GuestAgent(bed, env)
+    try:
+        agent.start()
+        yield agent
+    finally:
+        agent.stop()
+        bed.run(["rm", "-rf", "/var/lib/ecs", PLUGIN_SOCKET])
 
 
 class GuestSupervisor:

@@ -146,3 +146,32 @@ def test_a_plugin_socket_held_by_another_program_is_named(tmp_path: Path) -> Non
     plugin = results[1]
     assert plugin.status == "FAIL" and "not efsplug: ecs-init's own plugin or its socket unit" in plugin.cause
     assert plugin.fix.startswith("systemctl disable --now amazon-ecs-volume-plugin.socket")
+
+
+def test_options_without_a_file_system_are_refused_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from efsplug.cli import main
+
+    assert main(["doctor", "-o", "tls"]) == 2
+    err = capsys.readouterr().err
+    assert err == "efsplug doctor: -o needs a file system: efsplug doctor fs-0123456789abcdef0 -o tls,iam\n"
+
+
+@pytest.mark.parametrize("options, cause", [
+    ("iam", "option 'iam' requires 'tls'; add tls to -o"),
+    ("tls,accesspoint=ap-1", "accesspoint"),
+    ("tls,region=us-east-1\nx", "region"),
+])
+def test_bad_options_fail_the_options_check_and_nothing_after_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                    monkeypatch: pytest.MonkeyPatch, options: str,
+                                                                    cause: str) -> None:
+    from efsplug.cli import main
+
+    monkeypatch.setenv("EFSPLUG_CONFIG", str(tmp_path / "efs-utils.conf"))
+    monkeypatch.setenv("EFSPLUG_ECS_CONFIG", str(tmp_path / "ecs.config"))
+    assert main(["doctor", "fs-0123456789abcdef0", "-o", options, "--json"]) == 1
+    document = json.loads(capsys.readouterr().out)
+    by_name = {c["name"]: c for c in document["checks"]}
+    assert by_name["options"]["status"] == "FAIL" and cause in by_name["options"]["cause"]
+    assert "\n" not in by_name["options"]["cause"]
+    after = [c for c in document["checks"] if c["name"] in ("imds", "region", "dns", "port-2049", "nfs")]
+    assert after and all(c["status"] == "skipped" and c["detail"].startswith("not run") for c in after)

@@ -21,7 +21,7 @@ from efsplug.accesspoints import AccessPointError, AccessPoints
 from efsplug.agent import provisioning
 from efsplug.agent.volumes import Volume, with_tls
 from efsplug.config import Config
-from efsplug.errors import shown
+from efsplug.errors import EfsplugError, shown
 from efsplug.imds import InstanceMetadata
 from efsplug.options import MountRequest, request_from_driver_opts
 
@@ -85,9 +85,14 @@ class AccessPointProvisioner:
         # As the kernel names it: the state dir is /var/run/efs, and /var/run is a symlink to /run.
         mountpoint = Path(os.path.realpath(parent)) / volume.name
         mountpoint.mkdir(mode=0o700, exist_ok=True)
-        if self._mounter.is_mounted(str(mountpoint)):
-            self._mounter.unmount(str(mountpoint))
-        self._mounter.mount(replace(request, path="/", mountpoint=str(mountpoint)))
+        try:
+            if self._mounter.is_mounted(str(mountpoint)):
+                self._mounter.unmount(str(mountpoint))
+            self._mounter.mount(replace(request, path="/", mountpoint=str(mountpoint)))
+        except EfsplugError as exc:
+            _remove_dir(mountpoint)
+            raise AccessPointError(f"volume {shown(volume.name)}: its data was kept: the file system's root could not "
+                                   f"be mounted to delete it ({exc})") from None
         try:
             target = mountpoint / root.lstrip("/")
             try:
@@ -100,11 +105,18 @@ class AccessPointProvisioner:
                                        "remove the volume again") from None
         finally:
             self._mounter.unmount(str(mountpoint))
-            mountpoint.rmdir()
+            _remove_dir(mountpoint)
 
     def _service(self, volume: Volume) -> Tuple[AccessPoints, MountRequest]:
         request = request_from_driver_opts(volume.device, with_tls(volume.options))  # as its mounts see it
         return AccessPoints(region_of(request, self._config(), self._environ)), request
+
+
+def _remove_dir(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass  # still mounted (an unmount that failed says so itself) or already gone
 
 
 def region_of(request: MountRequest, config: Config, environ: Mapping[str, str]) -> str:

@@ -14,7 +14,7 @@ from efsbed.aws import DUMMY_ENV, MotoServer, client
 from efsbed.faulty import JsonAnswer, SilentServer
 from efsplug.accesspoints import AccessPointError, AccessPoints
 from efsplug.agent import provisioning
-from efsplug.errors import UsageError
+from efsplug.errors import MountFailure, UsageError
 
 REGION = "us-east-1"
 AP_ID = "fsap-0123456789abcdef0"
@@ -134,3 +134,45 @@ def test_an_access_point_that_stays_creating_times_out() -> None:
         with pytest.raises(AccessPointError, match=f"access point {AP_ID} of fs-12345678 was not available within "
                                                    "0.5s .*retry the volume create"):
             aps.create(request, wait=0.5)
+
+
+class RootRefused:
+    """A mounter whose mount of the file system's root is refused, as EFS refuses an identity
+    without ClientRootAccess; records what it was asked."""
+
+    def __init__(self) -> None:
+        self.asked: list = []
+
+    def is_mounted(self, mountpoint: str) -> bool:
+        return False
+
+    def mount(self, request) -> None:
+        self.asked.append((request.path, request.accesspoint, request.mountpoint))
+        raise MountFailure("mount.nfs4 failed: access denied by server; the server refused IAM identity instance")
+
+    def unmount(self, mountpoint: str) -> None:
+        raise AssertionError("nothing was mounted")
+
+
+def test_delete_data_whose_root_mount_is_refused_keeps_everything(moto: MotoServer, fs_id: str,
+                                                                  monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    from efsplug.agent.provisioner import AccessPointProvisioner
+    from efsplug.agent.volumes import Volume
+    from efsplug.config import parse_config
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_EFS", moto.endpoint_url)
+    aps = AccessPoints(REGION, endpoint_url=moto.endpoint_url)
+    made = aps.create(request_for(aps, fs_id, "v1", onRemove="deleteData"))
+    config = parse_config(f"[efsplug]\nstate_dir = {tmp_path}\n").config
+    mounter = RootRefused()
+    volume = Volume(name="v1", device=fs_id, options=f"iam,region={REGION}", mountpoint="/var/lib/ecs/volumes/v1",
+                    created_at="2026-12-01T00:00:00Z", provision=(("onRemove", "deleteData"), ("provision", "accesspoint")),
+                    access_point=made)
+    with pytest.raises(AccessPointError) as raised:
+        AccessPointProvisioner(lambda: config, mounter=mounter).delete(volume, data=True)
+    assert str(raised.value) == ("volume 'v1': its data was kept: the file system's root could not be mounted to "
+                                 "delete it (mount.nfs4 failed: access denied by server; the server refused IAM "
+                                 "identity instance)")
+    assert mounter.asked == [("/", None, str(tmp_path.resolve() / "deleting" / "v1"))]  # the root, not the access point
+    assert aps.describe(fs_id, made) is not None  # the access point stays too: Remove can be retried
+    assert list((tmp_path / "deleting").iterdir()) == []  # its mountpoint went

@@ -175,3 +175,44 @@ def test_bad_options_fail_the_options_check_and_nothing_after_runs(tmp_path: Pat
     assert "\n" not in by_name["options"]["cause"]
     after = [c for c in document["checks"] if c["name"] in ("imds", "region", "dns", "port-2049", "nfs")]
     assert after and all(c["status"] == "skipped" and c["detail"].startswith("not run") for c in after)
+
+
+def host_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, config: str) -> dict:
+    from efsplug.doctor.host import HostChecks
+
+    (tmp_path / "efs-utils.conf").write_text(config)
+    monkeypatch.setenv("EFSPLUG_CONFIG", str(tmp_path / "efs-utils.conf"))
+    return {r.name: r for r in checks.run_checks(HostChecks().checks())}
+
+
+def test_a_missing_stunnel_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    result = host_results(tmp_path, monkeypatch, "[efsplug]\nstunnel = efsplug-no-such-stunnel\n")["stunnel"]
+    assert (result.status, result.cause) == (
+        "FAIL", "stunnel not found; install stunnel (stunnel4 on Debian, stunnel5 on Amazon Linux)")
+
+
+def test_an_old_stunnel_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    old = tmp_path / "stunnel"
+    old.write_text("#!/bin/sh\necho 'stunnel 4.56 on x86_64-redhat-linux-gnu platform' >&2\n")
+    old.chmod(0o755)
+    result = host_results(tmp_path, monkeypatch, f"[efsplug]\nstunnel = {old}\n")["stunnel"]
+    assert result.status == "FAIL" and result.cause == f"{old} is stunnel 4.56; hostname checks need 5.15 or later"
+    assert result.fix == "install stunnel5 (Amazon Linux) or a newer stunnel4 package"
+
+
+def test_a_state_dir_others_can_write_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    state_dir = tmp_path / "efs"
+    state_dir.mkdir(mode=0o777)
+    state_dir.chmod(0o777)
+    results = host_results(tmp_path, monkeypatch, f"[efsplug]\nstate_dir = {state_dir}\n")
+    assert results["state-dir"].status == "FAIL" and "mode 0o777: others could plant tunnel configs there" in \
+        results["state-dir"].cause and results["state-dir"].fix == f"chown root:root {state_dir} && chmod 0750 {state_dir}"
+    assert results["ports"].detail == "not run: state-dir failed"
+
+
+def test_an_unreadable_state_record_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    state_dir = tmp_path / "efs"
+    state_dir.mkdir(mode=0o750)
+    (state_dir / "fs-12345678.mnt.20049.json").write_text("{not json")
+    result = host_results(tmp_path, monkeypatch, f"[efsplug]\nstate_dir = {state_dir}\n")["state-dir"]
+    assert result.status == "FAIL" and result.cause.startswith(f"1 unreadable state record(s) in {state_dir}")

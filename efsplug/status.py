@@ -1,7 +1,8 @@
 """`efsplug status`: every efs mount, its tunnel, its credentials and what the supervisor thinks.
 
 Read-only: records from the state directory, the kernel's mount table, the tunnel
-processes and the supervisor's per-mount status files. Credential sources are named,
+processes and the supervisor's per-mount status files; and, once the agent has made access
+points, EFS's list of them (DescribeAccessPoints, bounded) for those whose volume is gone. Credential sources are named,
 never their secrets. Then the cleanup wait in force and where it came from: as the running
 supervisor published it, else computed here (from this process's environment).
 """

@@ -2,8 +2,9 @@
 
 Starts the bed (moto, NFS-Ganesha, the TLS endpoint, metadata services, a real Linux kernel),
 mounts the file system in the kernel with `mount -t efs … -o tls,iam,accesspoint=…`, writes
-a file there, reads it back from the access point's export on the host, unmounts, and stops
-everything. Exit status 0 only if every step did what it says.
+a file there, reads it back from the access point's export on the host, unmounts; then the
+agent under a real dockerd (an ECS task's volume, a volume with an access point of its own)
+and `efsplug doctor`; and stops everything. Exit status 0 only if every step did what it says.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from efsbed import kernel as kernels
 from efsbed import procs
 from efsbed.bed import Bed
 from efsbed.docker import DOCKER, IMAGE, GuestDocker
-from efsbed.guestdaemons import GuestAgent, GuestSupervisor
+from efsbed.aws import client
+from efsbed.guestdaemons import EFSPLUG, GuestAgent, GuestSupervisor
 from efsbed.procs import wait_until
+from efsplug.agent import provisioning
 
 DRIVER = "amazon-ecs-volume-plugin"
 
@@ -89,6 +92,49 @@ def main() -> int:
     return _finish(t, bed)
 
 
+def provisioned_volume(t: Transcript, bed: Bed) -> None:
+    """A volume with an access point of its own, made at create and deleted at rm; then doctor."""
+    print("\nAn access point per volume, made by the agent through the EFS API\n")
+    name = "web-data"
+    t.step("docker volume create with provision=accesspoint", lambda: t.guest(bed, [
+        DOCKER, "volume", "create", "-d", DRIVER, "-o", "type=efs", "-o", f"device={bed.fs_id}", "-o", "o=iam",
+        "-o", "provision=accesspoint", "-o", "gidRange=50000-50999", "-o", "basePath=/volumes", name]))
+    t.step("the access point EFS made for it", lambda: _made_access_point(bed, name))
+    t.step("a container writes to it as root", lambda: t.guest(bed, [
+        DOCKER, "run", "--rm", "--network", "none", "-v", f"{name}:/data:nocopy", IMAGE,
+        "sh", "-c", "echo 'hello from a provisioned volume' > /data/hello.txt"], timeout=180))
+    t.step("on the host: under its own root directory, owned by its POSIX user",
+           lambda: _owned(bed.export_dir / "volumes" / name / "hello.txt"))
+    t.step("docker volume rm: the access point goes, the data stays", lambda: t.guest(
+        bed, [DOCKER, "volume", "rm", name]) + "\n" + _gone(bed, name))
+    t.step("efsplug doctor: every check a tls,iam mount goes through, without mounting", lambda: t.guest(
+        bed, [EFSPLUG, "doctor", bed.fs_id, "-o", "tls,iam"], timeout=120))
+
+
+def _made_access_point(bed: Bed, volume: str) -> str:
+    (ap,) = [ap for ap in _access_points(bed) if provisioning.volume_of(ap) == volume]
+    user = ap["PosixUser"]
+    return f"{ap['AccessPointId']}: root {ap['RootDirectory']['Path']}, uid {user['Uid']} gid {user['Gid']}"
+
+
+def _access_points(bed: Bed) -> list:
+    return client("efs", bed.moto.endpoint_url, bed.region).describe_access_points(
+        FileSystemId=bed.fs_id)["AccessPoints"]
+
+
+def _owned(path: Path) -> str:
+    info = path.stat()
+    if info.st_uid < 50000:
+        raise RuntimeError(f"{path} is owned by uid {info.st_uid}, not the access point's user")
+    return f"{path}: {path.read_text().strip()} (uid {info.st_uid}, gid {info.st_gid})"
+
+
+def _gone(bed: Bed, volume: str) -> str:
+    if any(provisioning.volume_of(ap) == volume for ap in _access_points(bed)):
+        raise RuntimeError(f"the access point of {volume} is still there")
+    return f"no access point for {volume} in EFS; the data is still under /volumes/{volume}"
+
+
 def tunnel_killed_under_io(t: Transcript, bed: Bed, mountpoint: str, export_dir: Path) -> None:
     """kill -9 of the mount's stunnel while dd writes: the hard mount waits, the supervisor restarts it."""
     print("\nThe supervisor: a tunnel killed under I/O comes back\n")
@@ -126,7 +172,7 @@ def _same_file(bed: Bed, guest_path: str, host_path: Path) -> str:
 def ecs_task(t: Transcript, bed: Bed) -> None:
     """What an unmodified ECS agent does for a task with efsVolumeConfiguration."""
     print("\nECS: the agent as Docker volume plugin, driven by a real dockerd\n")
-    docker, agent = GuestDocker(bed.guest, bed.workdir), GuestAgent(bed)
+    docker, agent = GuestDocker(bed.guest, bed.workdir), GuestAgent(bed, env=bed.efs_api_env())
     t.cleanups += [docker.stop, agent.stop]
     t.step("start dockerd in the guest and import a busybox image", lambda: _started(docker.start, "dockerd ready"))
     t.step(f"start `efsplug agent` on /run/docker/plugins/{DRIVER}.sock", lambda: _started(agent.start, "serving"))
@@ -144,6 +190,7 @@ def ecs_task(t: Transcript, bed: Bed) -> None:
            lambda: _read_back(ap.export_dir / "container.txt", "hello from a container\n"))
     t.step("the agent's log: one line per request", lambda: "\n".join(agent.log().splitlines()[-6:]))
     t.step("docker volume rm", lambda: t.guest(bed, [DOCKER, "volume", "rm", name]))
+    provisioned_volume(t, bed)
 
 
 def _started(start: Callable[[], object], what: str) -> str:

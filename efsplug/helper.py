@@ -43,6 +43,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     sink: Optional[LogSink] = None
     request: Optional[MountRequest] = None
     try:
+        _complete_python()
         # The mount machinery is imported only when a mount is asked for, and mount.efs does it all.
         from efsplug.config import load_config
         from efsplug.mount import Timings, mount_efs
@@ -118,8 +119,19 @@ def _finish_handed(answer: dict) -> int:
     return 0
 
 
+def _complete_python() -> None:
+    """mount.efs as the RPM installs it starts without site (-S): enough for a mount a
+    resident efsplug prepared. Doing the work itself needs the dependencies (botocore,
+    cryptography) from the site directories, added here as a normal start adds them."""
+    if sys.flags.no_site:
+        import site
+
+        site.main()
+
+
 def _release_handed(name: str) -> None:
     """Undo what the resident efsplug made for a mount that was not made."""
+    _complete_python()
     from pathlib import Path
 
     from efsplug import state

@@ -19,6 +19,7 @@ from typing import Dict, List, Tuple
 
 import pytest
 
+from efsbed import rpmform
 from efsplug import __version__
 from efsplug.config import Config, parse_config
 
@@ -152,19 +153,30 @@ def _layout_env(built: Built) -> Dict[str, str]:
     return {**os.environ, "PYTHONPATH": f"{built.root}{SITELIB}:{deps}"}
 
 
-@pytest.mark.parametrize("script, expected", [
-    ("sbin/mount.efs", f"mount.efs (efsplug) {__version__}"),
-    ("usr/bin/efsplug", f"efsplug {__version__}"),
+@pytest.mark.parametrize("script, flags, expected", [
+    ("sbin/mount.efs", "-sS", f"mount.efs (efsplug) {__version__}"),  # -S: efsplug.helper adds site when it needs it
+    ("usr/bin/efsplug", "-s", f"efsplug {__version__}"),
 ])
-def test_installed_commands_run_from_the_scratch_layout(built: Built, script: str, expected: str) -> None:
+def test_installed_commands_run_from_the_scratch_layout(built: Built, script: str, flags: str, expected: str) -> None:
     path = built.root / script
-    assert path.read_text().startswith("#!/usr/bin/python3 -s\n")
+    assert path.read_text().startswith(f"#!/usr/bin/python3 {flags}\n")
     result = _run([str(path), "--version"], env=_layout_env(built))  # through its shebang
     assert (result.returncode, result.stdout.strip()) == (0, expected), result.stderr
     # The same search path imports the scratch root's copy (cwd away from the checkout).
     where = _run(["/usr/bin/python3", "-s", "-c", "import efsplug; print(efsplug.__file__)"],
                  env=_layout_env(built), cwd=built.root)
     assert where.stdout.strip() == f"{built.root}{SITELIB}/efsplug/__init__.py"
+
+
+def test_mount_efs_finds_its_package_and_then_site_without_a_search_path(built: Built) -> None:
+    """The installed mount.efs, as the system Python runs it: no PYTHONPATH, no site at
+    start; its package comes from the line it appends, the dependencies from site.main()."""
+    # What the benchmarks time as "installed by the RPM" is this very script.
+    assert (built.root / "sbin/mount.efs").read_text() == rpmform.entry_script("/usr/bin/python3", SITELIB)
+    probe = ("import sys; sys.path.append(%r); import efsplug.helper as h; before = list(sys.path); "
+             "h._complete_python(); print(sys.flags.no_site, len(sys.path) > len(before))" % f"{built.root}{SITELIB}")
+    result = _run(["/usr/bin/python3", "-sS", "-c", probe], cwd=built.root)
+    assert result.stdout.split() == ["1", "True"], result.stderr
 
 
 # --- the units --------------------------------------------------------------------------

@@ -18,6 +18,7 @@ same machine load: the bed shares its two cores with whatever else runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import shutil
@@ -28,9 +29,9 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
-from efsbed import bench_mount_host
+from efsbed import bench_mount_host, rpmform
 from efsbed.bed import Bed, REPO
 from efsbed.guest import GuestResult
 
@@ -152,6 +153,8 @@ RESIDENT_SOCKET = "/run/efsplug/bench.sock"
 ALONE = {"EFSPLUG_MOUNT_SOCKET": "/run/efsplug/no-resident-efsplug.sock"}
 RESIDENT = {"EFSPLUG_MOUNT_SOCKET": RESIDENT_SOCKET}
 RESIDENT_LABEL = " [resident efsplug]"
+INSTALLED_LABEL = " [as installed]"  # mount.efs as the RPM installs it (efsbed.rpmform)
+INSTALLED_RESIDENT_LABEL = " [as installed, resident efsplug]"
 # A mount service alone, as the agent and `efsplug supervise` run one, without their
 # supervision (which would restart the tunnels this benchmark kills between runs).
 SERVICE = ("import signal; from pathlib import Path; from efsplug.mountservice import MountService; "
@@ -174,7 +177,10 @@ def bench(bed: Bed, runs: int, baseline: Optional[Dict[str, Samples]] = None,
     ap = bed.access_points[0].id
     # tls last: its tunnel is kept after the last run, for the bare mount.nfs4 below
     cases = {"tls,iam,accesspoint": f"tls,iam,accesspoint={ap}", "tls": "tls"}
-    found = {name + label: Samples() for name in cases for label in ("", RESIDENT_LABEL)}
+    installed = rpmform.install(bed.workdir / "installed")  # mount.efs as the RPM installs it
+    variants = [("", ALONE, None), (RESIDENT_LABEL, RESIDENT, None),
+                (INSTALLED_LABEL, ALONE, installed), (INSTALLED_RESIDENT_LABEL, RESIDENT, installed)]
+    found = {name + label: Samples() for name in cases for label, _, _ in variants}
     shared = Samples()
     bed.run(["mkdir", "-p", MOUNTPOINT, MOUNTPOINT + "-2"], timeout=30)
     service = start_service(bed)
@@ -187,15 +193,16 @@ def bench(bed: Bed, runs: int, baseline: Optional[Dict[str, Samples]] = None,
                 measure(bed, baseline.setdefault(name, Samples()), command, dict(baseline_env or {}, **ALONE),
                         counted=bool(i))
                 undo_mount(bed)
-            for label, env in (("", ALONE), (RESIDENT_LABEL, RESIDENT)):
-                measure(bed, found[name + label], command, env, counted=bool(i))
-                if name == "tls":  # a second mount with the same identity joins the tunnel
-                    second = ["mount", "-t", "efs", bed.fs_id, MOUNTPOINT + "-2", "-o", options]
-                    took = elapsed_ms(bed.run(["sh", "-c", _TIMED, "timed", *second], timeout=120, env=env))
-                    if i:
-                        shared.add("second mount, same identity" + label, took)
-                    bed.run(["umount", MOUNTPOINT + "-2"], timeout=60)
-                undo_mount(bed, keep_tunnel=(i == runs and name == "tls" and label == RESIDENT_LABEL))
+            for label, env, entry in variants:
+                with helper_at_sbin(bed, entry):
+                    measure(bed, found[name + label], command, env, counted=bool(i))
+                    if name == "tls":  # a second mount with the same identity joins the tunnel
+                        second = ["mount", "-t", "efs", bed.fs_id, MOUNTPOINT + "-2", "-o", options]
+                        took = elapsed_ms(bed.run(["sh", "-c", _TIMED, "timed", *second], timeout=120, env=env))
+                        if i:
+                            shared.add("second mount, same identity" + label, took)
+                        bed.run(["umount", MOUNTPOINT + "-2"], timeout=60)
+                undo_mount(bed, keep_tunnel=(i == runs and name == "tls" and label == INSTALLED_RESIDENT_LABEL))
     bed.guest.kill(service, 15)
     (record,) = [r for r in state_records(bed) if r["mountpoint"] == MOUNTPOINT]
     nfs = ["/sbin/mount.nfs4", "127.0.0.1:/", MOUNTPOINT, "-o", f"{NFS_OPTIONS},port={record['port']}"]
@@ -206,7 +213,21 @@ def bench(bed: Bed, runs: int, baseline: Optional[Dict[str, Samples]] = None,
     bed.run(["rm", "-rf", STATE_DIR])
     for _ in range(runs):
         shared.add("python start", elapsed_ms(timed(bed, [PYTHON, "-c", "pass"])))
+        shared.add("python start, as installed", elapsed_ms(timed(bed, [rpmform.SYSTEM_PYTHON, "-sS", "-c", "pass"])))
     return {**found, "": shared}
+
+
+@contextlib.contextmanager
+def helper_at_sbin(bed: Bed, entry: Optional[Path]) -> Iterator[None]:
+    """mount(8) runs entry as /sbin/mount.efs meanwhile (None: the guest's own, this checkout's)."""
+    if entry is None:
+        yield
+        return
+    bed.run(["mount", "--bind", str(entry), "/sbin/mount.efs"], check=True)
+    try:
+        yield
+    finally:
+        bed.run(["umount", "/sbin/mount.efs"], check=True)
 
 
 def report(samples: Samples, runs: int, title: str = "") -> str:
@@ -235,16 +256,18 @@ def summary(found: Dict[str, Samples]) -> str:
     lines = ["kernel guest, medians in milliseconds",
              f"  {'floor: stunnel by hand until it listens, then mount.nfs4':62} {floor_ms:8.1f}"]
     for name, target in (("tls", 2.5), ("tls,iam,accesspoint", 3.0)):
-        for label in ("", RESIDENT_LABEL):
+        for label in ("", RESIDENT_LABEL, INSTALLED_LABEL, INSTALLED_RESIDENT_LABEL):
             total = med(found[name + label], "total")
             lines.append(f"  {'mount -t efs -o ' + name + label:62} {total:8.1f}  {total / floor_ms:4.2f}x the floor"
                          f" (target <= {target}x)")
     lines.append(f"  {'bare mount.nfs4 through a running tunnel':62} {bare:8.1f}")
-    for label in ("", RESIDENT_LABEL):
+    for label in ("", RESIDENT_LABEL, INSTALLED_LABEL, INSTALLED_RESIDENT_LABEL):
         second = med(common, "second mount, same identity" + label)
         lines.append(f"  {'-o tls, a second mount joining the tunnel' + label:62} {second:8.1f}  "
                      f"{second - bare:+.1f} over the bare mount.nfs4")
     lines.append(f"  {'python start (venv, -c pass)':62} {med(common, 'python start'):8.1f}")
+    lines.append(f"  {'python start (system python3 -sS, as installed, -c pass)':62} "
+                 f"{med(common, 'python start, as installed'):8.1f}")
     return "\n".join(lines)
 
 

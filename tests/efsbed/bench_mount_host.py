@@ -38,6 +38,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from efsbed import rpmform
 from efsbed.bed import MOUNT_EFS
 from efsbed.ca import BedCA
 from efsplug import handoff
@@ -53,6 +54,8 @@ CASES = {
     "tls,iam,accesspoint (profile)": f"tls,iam,awsprofile=bench,accesspoint={AP}",
     "tls,iam,accesspoint (ECS URI)": f"tls,iam,awscredsuri={CREDS_URI},accesspoint={AP}",
 }
+INSTALLED = " [as installed]"  # mount.efs as the RPM installs it (efsbed.rpmform)
+INSTALLED_RESIDENT = " [as installed, resident efsplug]"
 KEY_ID, SECRET = "AKIAEFSBENCH00000000", "bench-secret-not-real"
 
 
@@ -81,6 +84,7 @@ class HostBench:
         (root / "efs-utils.conf").write_text(
             f"[mount]\nregion = us-east-1\nstunnel_cafile = {self.ca.cert_path}\n[efsplug]\nstate_dir = {self.state}\n")
         self.stunnel = shutil.which("stunnel") or shutil.which("stunnel4") or "stunnel"
+        self.installed = rpmform.install(root / "installed")
         self.samples: Dict[str, List[float]] = {}
 
     def env(self, baseline: bool, handed: bool = False) -> Dict[str, str]:
@@ -91,19 +95,21 @@ class HostBench:
             env["PYTHONPATH"] = str(self.baseline)
         return env
 
-    def variants(self) -> List[Tuple[str, bool, bool]]:
-        """(label, baseline, handed to the resident efsplug), alternated run by run."""
-        found = [("", False, False), (" [resident efsplug]", False, True)]
-        return found + ([(" [baseline]", True, False)] if self.baseline else [])
+    def variants(self) -> List[Tuple[str, bool, bool, Path]]:
+        """(label, baseline, handed to the resident efsplug, mount.efs), alternated run by run:
+        this checkout's .venv script, and mount.efs as the RPM installs it."""
+        found = [("", False, False, MOUNT_EFS), (" [resident efsplug]", False, True, MOUNT_EFS),
+                 (INSTALLED, False, False, self.installed), (INSTALLED_RESIDENT, False, True, self.installed)]
+        return found + ([(" [baseline]", True, False, MOUNT_EFS)] if self.baseline else [])
 
     def add(self, name: str, ms: float) -> None:
         self.samples.setdefault(name, []).append(ms)
 
     def mount_efs(self, mnt: Path, options: str, fs: str = "fs-12345678", baseline: bool = False,
-                  handed: bool = False) -> float:
+                  handed: bool = False, entry: Path = MOUNT_EFS) -> float:
         mnt.mkdir(exist_ok=True)
         start = time.perf_counter()
-        done = subprocess.run([str(MOUNT_EFS), fs, str(mnt), "-o", f"{options},mounttargetip=127.0.0.1"],
+        done = subprocess.run([str(entry), fs, str(mnt), "-o", f"{options},mounttargetip=127.0.0.1"],
                               env=self.env(baseline, handed), capture_output=True, text=True, timeout=60)
         elapsed = (time.perf_counter() - start) * 1000
         if done.returncode != 0:
@@ -160,14 +166,14 @@ class HostBench:
             if counted:
                 self.add("floor", ms)
             for name, options in CASES.items():
-                for label, baseline, handed in self.variants():
-                    ms = self.mount_efs(mnt, options, baseline=baseline, handed=handed)
+                for label, baseline, handed, entry in self.variants():
+                    ms = self.mount_efs(mnt, options, baseline=baseline, handed=handed, entry=entry)
                     self.clean()
                     if counted:
                         self.add(name + label, ms)
-            for label, baseline, handed in self.variants():
+            for label, baseline, handed, entry in self.variants():
                 self.mount_efs(mnt, CASES["tls"])  # a live tunnel to join (the baseline may not)
-                ms = self.mount_efs(joiner, CASES["tls"], baseline=baseline, handed=handed)
+                ms = self.mount_efs(joiner, CASES["tls"], baseline=baseline, handed=handed, entry=entry)
                 self.clean()
                 if counted:
                     self.add("second mount, same identity" + label, ms)
@@ -175,6 +181,8 @@ class HostBench:
                 self.add("bare mount.nfs4 (stub)", self.stub())
                 self.add("python start: .venv (editable install), -c pass", self.python([str(MOUNT_EFS.parent / "python")]))
                 self.add("python start: system python3, -c pass", self.python(["/usr/bin/python3"]))
+                self.add("python start: system python3 -sS (as installed), -c pass",
+                         self.python(["/usr/bin/python3", "-sS"]))
 
     def memory(self, count: int = 50) -> Dict[str, float]:
         def pss_kib() -> List[int]:

@@ -8,8 +8,11 @@ the right identity and access point, and a mount that fails leaves nothing behin
 
 from __future__ import annotations
 
+import secrets
+
 import pytest
 
+from efsbed import rpmform
 from efsbed.bed import Bed
 from efsbed.guestmount import NOTHING_LEFT, accepted_as, leftovers, stopped_part_way, write_and_find
 from efsbed.procs import wait_until
@@ -96,3 +99,29 @@ def test_a_handed_mount_stopped_part_way_leaves_nothing(configure, supervisors, 
     assert res.stderr.splitlines()[-1] == (  # type: ignore[attr-defined]
         "mount.efs: interrupted by SIGTERM; what the mount had made is removed")
     nothing_running_left(bed)
+
+
+def test_mount_efs_as_the_rpm_installs_it_hands_off_and_mounts_alone(configure, supervisors, clean_guest: Bed) -> None:
+    """The installed script (system Python, no site at start) as /sbin/mount.efs: handed to
+    the supervisor it needs only the standard library; alone it adds site and mounts itself."""
+    bed = clean_guest
+    configure()
+    installed = rpmform.install(bed.workdir / f"installed-{secrets.token_hex(3)}")
+    bed.run(["mount", "--bind", str(installed), "/sbin/mount.efs"], check=True)
+    try:
+        sup = supervisors()
+        handed = mount_v(bed, "/mnt/installed-handed", "tls")
+        assert handed.rc == 0 and f"prepared by efsplug pid {sup.pid}" in handed.stdout, handed.stderr
+        write_and_find(bed, "/mnt/installed-handed", bed.export_dir)
+        umount(bed, "/mnt/installed-handed")
+        bed.run(["mkdir", "-p", "/mnt/installed-alone"])
+        alone = bed.run(["mount", "-t", "efs", "-v", bed.fs_id, "/mnt/installed-alone", "-o", "tls"], timeout=60,
+                        env={"EFSPLUG_MOUNT_SOCKET": "/run/efsplug/no-resident-efsplug.sock"})
+        assert alone.rc == 0 and "prepared by" not in alone.stdout, alone.stderr
+        write_and_find(bed, "/mnt/installed-alone", bed.export_dir)
+        umount(bed, "/mnt/installed-alone")
+    finally:
+        for point in ("/mnt/installed-handed", "/mnt/installed-alone"):
+            if bed.run(["mountpoint", "-q", point]).rc == 0:
+                umount(bed, point)
+        bed.run(["umount", "/sbin/mount.efs"], check=True)

@@ -24,7 +24,7 @@ from efsplug.mounttunnel import TUNNEL_LOG, Identity, start_tunnel
 from efsplug.netns import check_namespace
 from efsplug.nfs import NfsMount, finish_mount as finish_nfs_mount
 from efsplug.options import MountRequest, nfs_device, nfs_mount_options, validate_region
-from efsplug.resolve import locate_mount_target
+from efsplug.resolve import MountTarget, locate_mount_target
 
 
 
@@ -103,33 +103,19 @@ def prepare_mount(
     with timings.phase("resolve"):
         region = find_region(request, config, environ, imds)
         mount_config = config.mount_for_region(region)
-        if request.crossaccount:
-            dns_name = naming.crossaccount_dns_name(request.fs_id, region, _crossaccount_az_id(config, imds),
-                                                    config=config)
-        else:
-            dns_name = naming.dns_name(request.fs_id, region, az=request.az, config=config)
-        target = locate_mount_target(
-            fs_id=request.fs_id,
-            region=region,
-            dns_name=dns_name,
-            mounttargetip=request.mounttargetip,
-            availability_zone_id=lambda: config.fargate_az_id or _optional(imds.availability_zone_id),
-            # efs-utils never falls back to a looked-up IP for crossaccount: the API is the other account's.
-            fallback_enabled=mount_config.fall_back_to_mount_target_ip_address_enabled and not request.crossaccount,
-            environ=environ,
-        )
+        target = mount_target(request, config, region, imds, environ)
     if request.fake:
         return None
     if not request.tls:
         return _prepared(request, mount_config, None, nfs_device(target.address, request.path),
                          nfs_mount_options(request, tunnel_port=None))
     with timings.phase("credentials"):
-        identity = _identity(request, environ, region)
+        identity = identity_for(request, environ, region)
     record = start_tunnel(request, config, mount_config, region, target, identity, timings, now, undo)
     return _prepared(
         request, mount_config, record, f"127.0.0.1:{request.path}", nfs_mount_options(request, tunnel_port=record.port),
         tunnel_log=str(Path(str(record.config_file)).with_name(TUNNEL_LOG)), target=target.address,
-        identity=_describe(identity),
+        identity=describe_identity(identity),
     )
 
 
@@ -142,6 +128,27 @@ def find_region(request: MountRequest, config: Config, environ: Mapping[str, str
         return validate_region(imds.region())
     except MetadataUnavailable as exc:
         raise MountFailure(f"no region: pass -o region=<region> or set region in efs-utils.conf ({exc})") from None
+
+
+def mount_target(request: MountRequest, config: Config, region: str, imds: InstanceMetadata,
+                 environ: Mapping[str, str]) -> MountTarget:
+    """Where the mount connects: the file system's (or the cross-account, or the AZ's) DNS
+    name, else a mount target IP from the EFS API (MountFailure says why neither works)."""
+    if request.crossaccount:
+        dns_name = naming.crossaccount_dns_name(request.fs_id, region, _crossaccount_az_id(config, imds), config=config)
+    else:
+        dns_name = naming.dns_name(request.fs_id, region, az=request.az, config=config)
+    return locate_mount_target(
+        fs_id=request.fs_id,
+        region=region,
+        dns_name=dns_name,
+        mounttargetip=request.mounttargetip,
+        availability_zone_id=lambda: config.fargate_az_id or _optional(imds.availability_zone_id),
+        # efs-utils never falls back to a looked-up IP for crossaccount: the API is the other account's.
+        fallback_enabled=(config.mount_for_region(region).fall_back_to_mount_target_ip_address_enabled
+                          and not request.crossaccount),
+        environ=environ,
+    )
 
 
 def _crossaccount_az_id(config: Config, imds: InstanceMetadata) -> str:
@@ -166,7 +173,7 @@ def _check_preconditions(request: MountRequest) -> None:
         check_namespace(request.netns)
 
 
-def _identity(request: MountRequest, environ: Mapping[str, str], region: str) -> Identity:
+def identity_for(request: MountRequest, environ: Mapping[str, str], region: str) -> Identity:
     if not request.iam:
         return Identity()
     from efsplug import credentials
@@ -180,7 +187,7 @@ def _identity(request: MountRequest, environ: Mapping[str, str], region: str) ->
     return Identity(found, source)
 
 
-def _describe(identity: Identity) -> Optional[str]:
+def describe_identity(identity: Identity) -> Optional[str]:
     """Which IAM identity the certificate carried: its source and access key id, never a secret."""
     if identity.credentials is None:
         return None

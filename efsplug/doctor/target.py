@@ -17,14 +17,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, List, Mapping, Optional
 
-from efsplug import naming
 from efsplug.doctor import rpc
 from efsplug.doctor.checks import Check, NotApplicable, Problem
 from efsplug.doctor.host import HostChecks
 from efsplug.errors import EfsplugError
 from efsplug.imds import InstanceMetadata, MetadataUnavailable
 from efsplug.options import MountRequest, request_from_driver_opts
-from efsplug.resolve import CONNECT_CHECK_SECONDS, NFS_PORT, MountTarget, locate_mount_target
+from efsplug.resolve import CONNECT_CHECK_SECONDS, NFS_PORT, MountTarget
 
 NULL_TIMEOUT = 15.0  # the NULL call's connect and answer, through the tunnel
 TUNNEL_CHECK_TIMEOUT = 60.0
@@ -117,21 +116,9 @@ class TargetChecks:
     # ---- where to connect ---------------------------------------------------------------
 
     def locate(self) -> str:
-        from efsplug.mount import _crossaccount_az_id, _optional
+        from efsplug.mount import mount_target
 
-        request, config = self._request(), self.host.config
-        mount_config = config.mount_for_region(self.region)
-        if request.crossaccount:
-            dns_name = naming.crossaccount_dns_name(request.fs_id, self.region, _crossaccount_az_id(config, self.imds),
-                                                    config=config)
-        else:
-            dns_name = naming.dns_name(request.fs_id, self.region, az=request.az, config=config)
-        self.target = locate_mount_target(
-            fs_id=request.fs_id, region=self.region, dns_name=dns_name, mounttargetip=request.mounttargetip,
-            availability_zone_id=lambda: config.fargate_az_id or _optional(self.imds.availability_zone_id),
-            fallback_enabled=mount_config.fall_back_to_mount_target_ip_address_enabled and not request.crossaccount,
-            environ=self.environ,
-        )
+        self.target = mount_target(self._request(), self.host.config, self.region, self.imds, self.environ)
         return f"{self.target.address} (by {self.target.via})"
 
     def port_2049(self) -> str:
@@ -148,13 +135,13 @@ class TargetChecks:
     # ---- who we are ---------------------------------------------------------------------
 
     def credentials(self) -> str:
-        from efsplug.mount import _describe, _identity
+        from efsplug.mount import describe_identity, identity_for
 
         request = self._request()
         if not request.iam:
             raise NotApplicable("no iam option")
-        self.identity = _identity(request, self.environ, self.region)  # MountFailure: tried what, and the fix
-        return _describe(self.identity) or ""
+        self.identity = identity_for(request, self.environ, self.region)  # MountFailure: tried what, and the fix
+        return describe_identity(self.identity) or ""
 
     def access_point(self) -> str:
         from efsplug.accesspoints import AccessPointError, AccessPoints
@@ -193,7 +180,7 @@ class TargetChecks:
         return f"{target.address}:{NFS_PORT} answered"
 
     def tunnel_null(self) -> str:
-        from efsplug.mount import Timings, _describe
+        from efsplug.mount import Timings, describe_identity
         from efsplug.mounttunnel import Identity, start_tunnel
         from efsplug.nfs import NfsMount, read_tunnel_log, tunnel_diagnosis
 
@@ -210,14 +197,14 @@ class TargetChecks:
             except (OSError, ValueError) as exc:
                 verdict = read_tunnel_log(_read_text(log_path))
                 mount = NfsMount("", probe.mountpoint or "", "", access_point=request.accesspoint,
-                                 target=target.address, identity=_describe(self.identity) if self.identity else None)
+                                 target=target.address, identity=describe_identity(self.identity) if self.identity else None)
                 diagnosis = tunnel_diagnosis(verdict, mount)  # the mount's own words: cause and what to check
                 if diagnosis:
                     raise Problem(diagnosis) from None
                 raise Problem(f"the tunnel to {target.address} closed the NFS call unanswered ({exc})",
                               "set stunnel_debug_enabled = true in efs-utils.conf and look at the tunnel's log") from None
         if not reply.accepted:
-            who = _describe(self.identity) if self.identity else "this client (no IAM identity was sent)"
+            who = describe_identity(self.identity) if self.identity else "this client (no IAM identity was sent)"
             where = f"access point {request.accesspoint}" if request.accesspoint else "the file system"
             raise Problem(f"the mount target {target.address} refused {who} for {where} ({reply.detail})",
                           "check that the credentials are valid and current and that the file system policy allows "

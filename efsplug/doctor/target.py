@@ -39,12 +39,15 @@ class TargetChecks:
         self.region = ""
         self.target: Optional[MountTarget] = None
         self.identity: Any = None
+        self._parsed: Optional[MountRequest] = None  # by checks(): the options decide which checks apply
+        self._refused: Optional[EfsplugError] = None
 
     def checks(self) -> List[Check]:
         try:  # the shape of what follows depends on the options; their check reports any error
             request: Optional[MountRequest] = request_from_driver_opts(self.spec, self.options)
-        except EfsplugError:
-            request = None
+        except EfsplugError as exc:
+            request, self._refused = None, exc
+        self._parsed = request
         region_imds = request is not None and not self._region_given(request)
         creds_imds = request is not None and request.iam and self._instance_role_likely(request)
         tls = request is None or request.tls
@@ -70,7 +73,10 @@ class TargetChecks:
     # ---- options, metadata, region ------------------------------------------------------
 
     def parse(self) -> str:
-        self.request = request_from_driver_opts(self.spec, self.options)  # UsageError: the option and its fix
+        if self._parsed is None:
+            assert self._refused is not None, "checks() parses the options first"
+            raise self._refused  # UsageError: the option and its fix
+        self.request = self._parsed
         if self.request.netns:
             from efsplug.netns import check_namespace
 

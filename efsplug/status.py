@@ -2,9 +2,10 @@
 
 Read-only: records from the state directory, the kernel's mount table, the tunnel
 processes and the supervisor's per-mount status files; and, once the agent has made access
-points, EFS's list of them (DescribeAccessPoints, bounded) for those whose volume is gone. Credential sources are named,
-never their secrets. Then the cleanup wait in force and where it came from: as the running
-supervisor published it, else computed here (from this process's environment).
+points, EFS's list of them (DescribeAccessPoints, bounded) for those whose volume is gone.
+Credential sources are named, never their secrets. Then the cleanup wait in force and where
+it came from: as the running supervisor published it, else computed here (from this
+process's environment).
 """
 
 from __future__ import annotations

@@ -16,11 +16,11 @@ from typing import List, Mapping
 from efsplug.accesspoints import AccessPoints
 from efsplug.agent import provisioning
 from efsplug.agent.provisioner import region_of
-from efsplug.agent.store import MAX_STATE_BYTES, CorruptState, decode_all
+from efsplug.agent.store import CorruptState, Store
 from efsplug.config import Config
 from efsplug.errors import EfsplugError, shown
 from efsplug.options import request_from_driver_opts
-from efsplug.state import StateError, read_bounded
+from efsplug.state import StateError
 
 CALL_DEADLINE = 5.0  # per file system: status must answer even when EFS does not
 
@@ -30,7 +30,7 @@ def unowned_access_points(state_path: Path, config: Config, environ: Mapping[str
     if not os.path.lexists(state_path):
         return []
     try:
-        volumes, provisioned_on = decode_all(read_bounded(state_path, MAX_STATE_BYTES))  # read only: never quarantined here
+        volumes, provisioned_on = Store(state_path).read()  # never quarantined from here
     except (CorruptState, StateError) as exc:
         return [f"access points: not checked, the agent state {state_path} is unusable ({exc})"]
     held = {name: v.access_point for name, v in volumes.items()}

@@ -154,11 +154,16 @@ class Store:
         if not os.path.lexists(self.path):
             return Loaded({})
         try:
-            # Bounded, never blocking (a FIFO), never following a symlink: unusable, not fatal.
-            volumes, provisioned_on = decode_all(read_bounded(self.path, MAX_STATE_BYTES))
+            volumes, provisioned_on = self.read()
             return Loaded(volumes, provisioned_on=provisioned_on)
         except (CorruptState, StateError) as exc:
             return Loaded({}, self._quarantine(now or datetime.now(timezone.utc)), str(exc))
+
+    def read(self) -> Tuple[Dict[str, Volume], Tuple[ProvisionedOn, ...]]:
+        """The file's volumes and provisioned file systems, changing nothing (efsplug status
+        reads it too); CorruptState or StateError if it is unusable."""
+        # Bounded, never blocking (a FIFO), never following a symlink.
+        return decode_all(read_bounded(self.path, MAX_STATE_BYTES))
 
     def _quarantine(self, when: datetime) -> Path:
         stamp = when.strftime("%Y%m%dT%H%M%S.%fZ")

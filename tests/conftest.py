@@ -83,3 +83,13 @@ def clean_guest(bed):
     # which pkill then killed before it could remove the state.
     bed.run(["sh", "-c", "pkill -f '^[^ ]*stunnel[^ ]* [^ ]*/run/efs/' ; rm -rf /run/efs"])
     assert not mounts, f"test left NFS mounts behind: {mounts}"
+
+
+@pytest.fixture(scope="module")
+def docker(bed):
+    """A real dockerd in the session's kernel guest, for one module (its containers, volumes
+    and data root go with it)."""
+    from efsbed.docker import GuestDocker
+
+    with GuestDocker(bed.guest, bed.workdir) as engine:
+        yield engine

@@ -25,12 +25,6 @@ ROOT = "/var/lib/ecs/volumes"
 
 
 @pytest.fixture(scope="module")
-def docker(bed: Bed) -> Iterator[GuestDocker]:
-    with GuestDocker(bed.guest, bed.workdir) as engine:
-        yield engine
-
-
-@pytest.fixture(scope="module")
 def agent(bed: Bed, docker: GuestDocker) -> Iterator[GuestAgent]:
     with serving_agent(bed) as a:
         yield a

@@ -26,12 +26,6 @@ GIDS = "61000-61099"  # none of the bed's seeded access points (1000) is in it
 
 
 @pytest.fixture(scope="module")
-def docker(bed: Bed) -> Iterator[GuestDocker]:
-    with GuestDocker(bed.guest, bed.workdir) as engine:
-        yield engine
-
-
-@pytest.fixture(scope="module")
 def agent(bed: Bed, docker: GuestDocker) -> Iterator[GuestAgent]:
     with serving_agent(bed, bed.efs_api_env()) as a:  # the EFS API: the bed's moto, from the guest
         yield a

@@ -101,11 +101,18 @@ class CloudWatchLogConfig:
     log_stream_name: Optional[str] = None
 
 
+TUNNEL_PROCESS_CHOICES = ("per-mount", "shared")
+
+
 @dataclass(frozen=True)
 class EfsplugConfig:
     state_dir: str = "/var/run/efs"
     stunnel: Optional[str] = None  # None: first of stunnel, stunnel5, stunnel4 on PATH
     cert_lifetime_min: int = 180
+    # "per-mount": each tunnel is a stunnel process of its own (as efs-utils runs them).
+    # "shared": one stunnel process per network namespace serves every tunnel there as a
+    # section (efsplug.tunnelhost); about 60 KiB per tunnel instead of about 2 MiB.
+    tunnel_process: str = "per-mount"
 
 
 @dataclass(frozen=True)
@@ -180,6 +187,12 @@ def _path(text: str) -> str:
 def _command(text: str) -> str:
     if not (SAFE_PATH_RE.fullmatch(text) or SAFE_PATH_RE.fullmatch("/" + text)) or ".." in text.split("/"):
         raise ValueError("use a program name or absolute path of letters, digits and ._+@/-")
+    return text
+
+
+def _tunnel_process(text: str) -> str:
+    if text not in TUNNEL_PROCESS_CHOICES:
+        raise ValueError("use per-mount or shared")
     return text
 
 
@@ -283,7 +296,8 @@ CONVERTERS: Dict[type, Dict[str, Callable[[str], object]]] = {
     CloudWatchLogConfig: {
         "enabled": _bool, "log_group_name": _log_group, "retention_in_days": _retention, "log_stream_name": _log_stream,
     },
-    EfsplugConfig: {"state_dir": _path, "stunnel": _command, "cert_lifetime_min": _int(20, 1440)},
+    EfsplugConfig: {"state_dir": _path, "stunnel": _command, "cert_lifetime_min": _int(20, 1440),
+                    "tunnel_process": _tunnel_process},
 }
 SECTIONS = {
     "DEFAULT": DefaultConfig, "mount": MountConfig, "mount-watchdog": WatchdogConfig, "efsplug": EfsplugConfig,

@@ -20,7 +20,7 @@ from efsplug import naming, state
 from efsplug.config import Config, MountConfig
 from efsplug.errors import MountFailure, shown
 from efsplug.imds import InstanceMetadata, MetadataUnavailable
-from efsplug.mounttunnel import TUNNEL_LOG, Identity, start_tunnel
+from efsplug.mounttunnel import Identity, start_tunnel, tunnel_log_path
 from efsplug.netns import check_namespace
 from efsplug.nfs import NfsMount, finish_mount as finish_nfs_mount
 from efsplug.options import MountRequest, nfs_device, nfs_mount_options, validate_region
@@ -114,7 +114,7 @@ def prepare_mount(
     record = start_tunnel(request, config, mount_config, region, target, identity, timings, now, undo)
     return _prepared(
         request, mount_config, record, f"127.0.0.1:{request.path}", nfs_mount_options(request, tunnel_port=record.port),
-        tunnel_log=str(Path(str(record.config_file)).with_name(TUNNEL_LOG)), target=target.address,
+        tunnel_log=str(tunnel_log_path(record)), target=target.address,
         identity=describe_identity(identity),
     )
 

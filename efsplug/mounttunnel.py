@@ -16,13 +16,13 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional, Tuple
 
-from efsplug import ports, sharing, state
+from efsplug import ports, sharing, state, tunnelhost
 from efsplug.config import Config, MountConfig
 from efsplug.errors import MountFailure
 from efsplug.fsutil import atomic_write, ensure_dir
 from efsplug.options import MountRequest, parse_ip
 from efsplug.resolve import MountTarget
-from efsplug.stunnel import TunnelSpec
+from efsplug.stunnel import TunnelSpec, render_service
 from efsplug.tunnel import Tunnel, TunnelError
 
 if TYPE_CHECKING:
@@ -130,12 +130,16 @@ def _new_tunnel(
                 key_path = state_dir / KEY_FILE
                 cert_file, record = _write_certificate(request, config, region, identity, key_path, mount_dir, record, now())
                 key_file = str(key_path)
+        shared = config.efsplug.tunnel_process == "shared" and not mount_config.stunnel_debug_enabled \
+            and not settings["fips"]  # a debug log and FIPS mode are a whole process's settings
         spec = _tunnel_spec(
             accept_port=reservation.port, cert_file=cert_file, key_file=key_file,
             debug_log=str(mount_dir / TUNNEL_LOG) if mount_config.stunnel_debug_enabled else None, **settings,
         )
         with timings.phase("tunnel"):
             try:
+                if shared:
+                    return _hosted_tunnel(spec, mount_dir, state_dir, binary, request.netns, record, now(), undo)
                 tunnel = Tunnel.start(
                     spec, config_path=mount_dir / "stunnel.conf", stunnel_binary=binary,
                     netns=request.netns, log_path=mount_dir / TUNNEL_LOG,
@@ -150,6 +154,25 @@ def _new_tunnel(
         files_created=[str(mount_dir)],
         mount_time=now(),
     )
+
+
+def _hosted_tunnel(spec: TunnelSpec, mount_dir: Path, state_dir: Path, binary: str, netns: Optional[str],
+                   record: state.MountRecord, when: datetime, undo: contextlib.ExitStack) -> state.MountRecord:
+    """The tunnel as a section of the namespace's shared stunnel process (efsplug.tunnelhost)."""
+    section = mount_dir / "stunnel.conf"
+    atomic_write(section, render_service(spec).encode(), 0o600)
+    host = tunnelhost.host_for(state_dir, netns, binary)
+    identity = tunnelhost.add(host, spec.accept_port, section, binary=binary, netns=netns)
+    undo.callback(tunnelhost.remove, host, spec.accept_port)
+    return replace(record, tunnel=identity, config_file=str(section), host_config=str(host.config),
+                   version=state.HOSTED_VERSION, files_created=[str(mount_dir)], mount_time=when)
+
+
+def tunnel_log_path(record: state.MountRecord) -> Path:
+    """Where the stunnel serving record's tunnel writes: its own log, or its shared process's."""
+    if record.host_config:
+        return Path(record.host_config).with_name(TUNNEL_LOG)
+    return Path(str(record.config_file)).with_name(TUNNEL_LOG)
 
 
 def _own_dir(state_dir: Path, record: state.MountRecord) -> Path:

@@ -119,16 +119,22 @@ def hold_port(lock_dir: Path, port: int, timeout: float = 0.0) -> Optional[PortR
     """
     ensure_dir(lock_dir, LOCK_DIR_MODE)
     path = lock_path_for(lock_dir, port)
+    fd = lock_within(path, timeout)
+    return None if fd is None else PortReservation(port=port, lock_path=path, _fd=fd)
+
+
+def lock_within(path: Path, timeout: float) -> Optional[int]:
+    """An fd holding an exclusive flock on path (created 0600), or None after timeout."""
     deadline = time.monotonic() + timeout
     delay = 0.001
     while True:
         fd = _try_lock(path)
         if fd is not None:
-            return PortReservation(port=port, lock_path=path, _fd=fd)
+            return fd
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return None
-        time.sleep(min(delay, remaining))  # flock has no timeout; the holder is brief
+        time.sleep(min(delay, remaining))  # flock has no timeout; holders are brief
         delay = min(delay * 2, 0.05)
 
 

@@ -25,7 +25,10 @@ from efsplug.errors import shown
 from efsplug.fsutil import atomic_write, ensure_dir, fsync_dir, is_temp_name, leftover_temp_files
 from efsplug.tunnel import TunnelIdentity
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # the newest this reads
+# Records of tunnels in a shared stunnel process: an efsplug that predates them must not
+# take their section for a whole config, so they carry a version it refuses.
+HOSTED_VERSION = 2
 DIR_MODE = 0o750
 FILE_MODE = 0o600
 SUFFIX = ".json"
@@ -69,6 +72,9 @@ class MountRecord:
     port: Optional[int] = None  # local tunnel port; None without TLS
     tunnel: Optional[TunnelIdentity] = None
     config_file: Optional[str] = None
+    # Set when the tunnel is a section of a shared stunnel process (efsplug.tunnelhost):
+    # that process's own config; `tunnel` is then that process, shared with other tunnels.
+    host_config: Optional[str] = None
     files_created: List[str] = field(default_factory=list)  # removed when the mount goes
     credential_source: Optional[str] = None  # where IAM credentials came from; never secrets
     credential_expiry: Optional[datetime] = None
@@ -82,11 +88,11 @@ class MountRecord:
     iam: bool = False
     # Mounts whose tunnel settings and identity match share one tunnel (efsplug.sharing).
     share_key: Optional[str] = None
-    version: int = RECORD_VERSION
+    version: int = 1
 
 
 _DATETIME_FIELDS = ("credential_expiry", "cert_not_before", "cert_not_after", "mount_time")
-_OPTIONAL_STR_FIELDS = ("config_file", "credential_source", "access_point", "netns", "region", "share_key")
+_OPTIONAL_STR_FIELDS = ("config_file", "host_config", "credential_source", "access_point", "netns", "region", "share_key")
 
 
 def escape_path(path: str) -> str:
@@ -373,6 +379,8 @@ def _validate(record: MountRecord) -> None:
         value = getattr(record, name)
         if value is not None and not _is_path_text(value):
             raise StateError(f"field {name!r} must be a string, got {shown(value)}")
+    if record.host_config is not None and record.version < HOSTED_VERSION:
+        raise StateError(f"a record with host_config must have version {HOSTED_VERSION} or newer")
     files = record.files_created
     if not isinstance(files, list) or len(files) > _MAX_CMDLINE or not all(_is_path_text(p) for p in files):
         raise StateError("files_created must be a list of paths")

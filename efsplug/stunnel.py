@@ -28,6 +28,9 @@ _MAX_PATH = 4096
 # The first line of every config efsplug writes. The supervisor stops an orphan tunnel only
 # if its config carries it: amazon-efs-utils keeps its own tunnels in the same directory.
 MARKER = "# stunnel client configuration written by efsplug for one EFS mount."
+# The same for a stunnel process shared by several mounts, and for one mount's section in it.
+HOST_MARKER = "# stunnel process written by efsplug to serve the EFS mounts of one network namespace."
+SERVICE_MARKER = "# stunnel section written by efsplug for one EFS mount, served by a shared process."
 
 
 def _fail(field_name: str, value: object, why: str) -> ValueError:
@@ -144,29 +147,65 @@ class TunnelSpec:
 
 
 def render(spec: TunnelSpec) -> str:
-    """The stunnel configuration file for spec."""
+    """The stunnel configuration file for spec: a process of its own serving one mount."""
     # Re-check: a frozen dataclass can still be altered with object.__setattr__.
     TunnelSpec.__post_init__(spec)
-
     lines: List[str] = [
         MARKER,
         # The process efsplug starts *is* stunnel: the pid it records stays valid.
         "foreground = yes",
         f"fips = {'yes' if spec.fips else 'no'}",
-        # Rebind at once after a restart; accept only from this host's loopback.
-        "socket = l:SO_REUSEADDR=yes",
-        "socket = a:SO_BINDTODEVICE=lo",
-        # NFS sends many small RPCs; Nagle on either leg adds ~40 ms per round trip.
-        "socket = l:TCP_NODELAY=1",
-        "socket = r:TCP_NODELAY=1",
+        *_SOCKET_OPTIONS,
     ]
     if spec.debug_log is not None:
         lines += ["debug = debug", f"output = {spec.debug_log}"]
     if spec.pid_file is not None:
         lines.append(f"pid = {spec.pid_file}")
-    lines += [
-        "",
-        f"[{SERVICE}]",
+    lines += ["", f"[{SERVICE}]", *_service_lines(spec)]
+    return "\n".join(lines) + "\n"
+
+
+def render_service(spec: TunnelSpec) -> str:
+    """One mount's section for a shared stunnel process (render_host): no global options.
+
+    The section is named after its port, which is unique on the host, so stunnel's log
+    lines say which tunnel they are about.
+    """
+    TunnelSpec.__post_init__(spec)
+    if spec.debug_log is not None or spec.pid_file is not None or spec.fips:
+        # Global options: such a tunnel needs a process of its own (render).
+        raise ValueError("invalid shared tunnel: debug_log, pid_file and fips are per process")
+    lines = [SERVICE_MARKER, f"[{service_name(spec.accept_port)}]", *_SOCKET_OPTIONS, *_service_lines(spec)]
+    return "\n".join(lines) + "\n"
+
+
+def service_name(port: int) -> str:
+    _check_int("accept_port", port, 1, 65535)
+    return f"{SERVICE}-{port}"
+
+
+def render_host(services_dir: str) -> str:
+    """The configuration of a stunnel process that serves every section in services_dir.
+
+    stunnel reads each file there at start and again on SIGHUP; a reload rebinds the
+    listening ports but leaves established connections alone.
+    """
+    _check_path("services_dir", services_dir)
+    return "\n".join([HOST_MARKER, "foreground = yes", "fips = no", f"include = {services_dir}"]) + "\n"
+
+
+# Rebind at once after a restart; accept only from this host's loopback. NFS sends many
+# small RPCs; Nagle on either leg adds ~40 ms per round trip.
+_SOCKET_OPTIONS = (
+    "socket = l:SO_REUSEADDR=yes",
+    "socket = a:SO_BINDTODEVICE=lo",
+    "socket = l:TCP_NODELAY=1",
+    "socket = r:TCP_NODELAY=1",
+)
+
+
+def _service_lines(spec: TunnelSpec) -> List[str]:
+    lines = [
         "client = yes",
         f"accept = 127.0.0.1:{spec.accept_port}",
         f"connect = {_connect_target(spec)}",
@@ -192,7 +231,7 @@ def render(spec: TunnelSpec) -> str:
         lines.append("OCSPaia = yes")
     if spec.cert_file is not None and spec.key_file is not None:
         lines += [f"cert = {spec.cert_file}", f"key = {spec.key_file}"]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _connect_target(spec: TunnelSpec) -> str:

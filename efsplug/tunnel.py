@@ -72,7 +72,7 @@ class TunnelIdentity:
                 and found.cmdline == self.cmdline)
 
 
-class _StartLog:
+class StartLog:
     """Where stunnel's stdout/stderr go, and what it said since this start."""
 
     def __init__(self, path: Optional[Path], scratch_dir: Path) -> None:
@@ -216,9 +216,9 @@ class Tunnel:
             except MountFailure as e:
                 raise TunnelError(f"cannot open network namespace: {e}") from None
         popen: Optional["subprocess.Popen[bytes]"] = None
-        log: Optional[_StartLog] = None
+        log: Optional[StartLog] = None
         try:
-            log = _StartLog(log_path, config_path.parent)
+            log = StartLog(log_path, config_path.parent)
             try:
                 popen = subprocess.Popen(
                     [binary, str(config_path)],
@@ -331,7 +331,7 @@ class Tunnel:
             pass  # another process's child: its parent reaps it
 
 
-def _wait_listening(popen: "subprocess.Popen[bytes]", port: int, timeout: float, log: _StartLog) -> None:
+def _wait_listening(popen: "subprocess.Popen[bytes]", port: int, timeout: float, log: StartLog) -> None:
     """Return once stunnel listens on port; raise as soon as it exits or time is up."""
     deadline = time.monotonic() + timeout
     delay = 0.002

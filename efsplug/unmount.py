@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Iterable, List, Optional
 
-from efsplug import ports, sharing, state
+from efsplug import ports, sharing, state, tunnelhost
 from efsplug.errors import EfsplugError, shown
 from efsplug.mounttable import KernelMount, by_mountpoint, ports_in_use, read_mounts
 from efsplug.state import MountRecord
@@ -194,14 +194,27 @@ def release(record: MountRecord, *, state_dir: Path, mounts: Optional[List[Kerne
             if tunnel is not None and record.port is not None and not failed_mount \
                     and not kernel_disconnects(tunnel.pid, record.port, teardown_wait):
                 return False  # the NFS client still tears its session down through it
-            if tunnel is not None:
-                try:
-                    tunnel.stop()
-                except TunnelError as exc:
-                    raise UnmountError(f"cannot stop the tunnel of {shown(record.mountpoint)}: {exc}") from None
+            try:
+                _stop_tunnel(record, tunnel, state_dir)
+            except TunnelError as exc:
+                raise UnmountError(f"cannot stop the tunnel of {shown(record.mountpoint)}: {exc}") from None
         remove_files(record, state_dir)
         state.remove(state_dir, record)
     return True
+
+
+def _stop_tunnel(record: MountRecord, tunnel: Optional[Tunnel], state_dir: Path) -> None:
+    """Stop the tunnel's process, or take its section out of a shared one (which stops
+    with its last section)."""
+    if record.host_config is None:
+        if tunnel is not None:
+            tunnel.stop()
+        return
+    host = tunnelhost.host_of_config(state_dir, record.host_config)
+    if host is None:
+        raise TunnelError(f"its shared stunnel config {record.host_config} is not under {state_dir}")
+    if record.port is not None:
+        tunnelhost.remove(host, record.port)
 
 
 def _remove_own(record: MountRecord, state_dir: Path) -> None:

@@ -47,10 +47,14 @@ class ActionsMixin:
         now = self._clock()
         old = Tunnel.from_identity(e.record.tunnel) if e.record.tunnel else None
         try:
-            if old is not None:  # alive but wedged: its pidfd must not count this as a death
-                self._watch_tunnel_off(e)
-                old.stop()
-            identity = tunnels.start_tunnel(e.record, self.state_dir, self._stunnel_binary())
+            if e.record.host_config is not None:
+                # A shared process serves other tunnels too: never stopped for this one.
+                identity = tunnels.serve_hosted(e.record, self.state_dir, self._stunnel_binary())
+            else:
+                if old is not None:  # alive but wedged: its pidfd must not count this as a death
+                    self._watch_tunnel_off(e)
+                    old.stop()
+                identity = tunnels.start_tunnel(e.record, self.state_dir, self._stunnel_binary())
         except (TunnelError, OSError) as exc:
             e.tracking = d.after_restart(e.tracking, False, now, self.policy)
             log.error("cannot restart the tunnel of %s on port %s (%s): %s; retrying",

@@ -14,6 +14,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 import psutil
 
+from efsplug import tunnelhost
 from efsplug.state import MountRecord
 from efsplug.tunnel import Tunnel, TunnelError, TunnelIdentity, listening_on
 
@@ -75,6 +76,19 @@ def start_tunnel(record: MountRecord, state_dir: Path, default_binary: str, *,
     # The supervisor reaps the child itself when its pidfd fires (reap_child).
     return Tunnel.launch(Path(config), record.port, stunnel_binary=binary, ready_timeout=timeout,
                          netns=record.netns).identity
+
+
+def serve_hosted(record: MountRecord, state_dir: Path, default_binary: str, *,
+                 timeout: float = READY_TIMEOUT) -> TunnelIdentity:
+    """A record's tunnel in a shared stunnel process: that process if it listens on the
+    record's port, else reloaded, or started again (the first of its tunnels to ask)."""
+    assert record.host_config is not None
+    host = tunnelhost.host_of_config(state_dir, record.host_config)
+    if host is None or record.port is None:
+        raise TunnelError(f"the record of {record.mountpoint} names no shared tunnel under {state_dir}")
+    recorded = list(record.tunnel.cmdline) if record.tunnel else []
+    binary = recorded[0] if recorded and is_stunnel(recorded) else default_binary
+    return tunnelhost.ensure(host, record.port, binary=binary, netns=record.netns, timeout=timeout)
 
 
 def open_pidfd(identity: TunnelIdentity) -> Optional[int]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import stat
@@ -171,13 +173,13 @@ def test_malformed_fields_reported_with_file_name(tmp_path: Path, mutate, messag
 
 def test_future_version_reported_and_left_alone(tmp_path: Path) -> None:
     data = state.to_dict(record())
-    data["version"] = 2
+    data["version"] = state.RECORD_VERSION + 1
     data["new_field"] = {"x": 1}
     path = tmp_path / "fs-0123456789abcdef0.mnt-efs.20050.json"
     path.write_text(json.dumps(data))
     records, problems = state.load_all(tmp_path)
     assert records == []
-    assert len(problems) == 1 and "newer efsplug (record version 2" in problems[0].reason
+    assert len(problems) == 1 and f"newer efsplug (record version {state.RECORD_VERSION + 1}" in problems[0].reason
     assert path.exists()
 
 
@@ -239,3 +241,15 @@ def test_ensure_dir_fixes_mode_and_refuses_files(tmp_path: Path) -> None:
     (tmp_path / "f").write_text("")
     with pytest.raises((FileExistsError, NotADirectoryError)):
         fsutil.ensure_dir(tmp_path / "f", 0o750)
+
+
+def test_a_shared_tunnel_record_round_trips_and_needs_its_version(tmp_path: Path) -> None:
+    hosted = dataclasses.replace(record(), host_config="/var/run/efs/hosts/0123456789abcdef/host.conf",
+                                 version=state.HOSTED_VERSION)
+    assert state.load(state.save(tmp_path, hosted)) == hosted
+    data = state.to_dict(hosted)
+    data["version"] = 1  # what an efsplug before shared tunnels would have written: it never sets host_config
+    path = tmp_path / "fs-0123456789abcdef0.mnt-efs.20050.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(StateError, match="host_config must have version 2"):
+        state.load(path)

@@ -146,7 +146,7 @@ def test_load_all_reports_each_bad_file_once_and_keeps_the_good(tmp_path: Path) 
 
 def test_newer_versions_are_not_corrupt_and_quarantine_moves_a_file_aside(tmp_path: Path) -> None:
     newer = tmp_path / "fs-01234567.mnt-new.json"
-    newer.write_text(json.dumps({**GOOD, "version": 2}))
+    newer.write_text(json.dumps({**GOOD, "version": state.RECORD_VERSION + 1}))
     with pytest.raises(StateError) as err:
         state.load(newer)
     assert not err.value.corrupt  # left alone for the newer efsplug

@@ -1,0 +1,250 @@
+"""One stunnel process serving many tunnels: a section each, added and removed by SIGHUP.
+
+With `[efsplug] tunnel_process = shared`, the tunnels of one network namespace are
+sections of one stunnel process instead of a process each: about 60 KiB per tunnel
+instead of about 2 MiB. Each tunnel keeps its own port, config section (the mount
+directory's stunnel.conf, written by stunnel.render_service), certificate and record; the
+record's `tunnel` is the shared process and its `host_config` that process's config.
+
+Under the state directory, per host (one per network namespace and stunnel binary):
+
+    hosts/<key>/host.conf       stunnel.render_host: `include = .../services`
+    hosts/<key>/services/<port>.conf -> ../../../<mount dir>/stunnel.conf
+    hosts/<key>/host.json       the running process's TunnelIdentity
+    hosts/<key>/stunnel.log     its output (cut back when it grows past _LOG_CAP)
+    hosts/<key>/lock            held while a section is added or removed, or the process started
+
+stunnel re-reads every section on SIGHUP and rebinds every listening port; connections
+already made stay as they are (tests/bed/test_stunnel_reload_guest.py proves it under NFS
+I/O). A reload that fails (a section stunnel refuses) leaves the process on its old
+configuration, so a bad section never takes the others down: it is removed again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+from efsplug import ports
+from efsplug.fsutil import atomic_write, ensure_dir
+from efsplug.stunnel import render_host
+from efsplug.tunnel import Tunnel, TunnelError, TunnelIdentity, StartLog, listening_on
+
+HOSTS_DIR = "hosts"
+LOCK_TIMEOUT = 15.0  # a holder keeps it until a start or reload listens (ready timeout 10 s)
+_LOG_CAP = 1024 * 1024  # every reload logs a few lines per section
+_MAX_IDENTITY = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Host:
+    """Where one shared stunnel process keeps its files."""
+
+    directory: Path
+
+    @property
+    def config(self) -> Path:
+        return self.directory / "host.conf"
+
+    @property
+    def services(self) -> Path:
+        return self.directory / "services"
+
+    @property
+    def identity_file(self) -> Path:
+        return self.directory / "host.json"
+
+    @property
+    def log(self) -> Path:
+        return self.directory / "stunnel.log"
+
+    def link(self, port: int) -> Path:
+        return self.services / f"{int(port)}.conf"
+
+
+def host_for(state_dir: Path, netns: Optional[str], binary: str) -> Host:
+    """The host serving tunnels of this network namespace (None: the host's own) run by binary."""
+    key = hashlib.sha256(json.dumps([netns, binary]).encode()).hexdigest()[:16]
+    return Host(Path(state_dir) / HOSTS_DIR / key)
+
+
+def host_of_config(state_dir: Path, host_config: str) -> Optional[Host]:
+    """The host whose config a record names, if that lies where efsplug puts hosts."""
+    path = Path(host_config)
+    base = Path(os.path.realpath(state_dir)) / HOSTS_DIR
+    if path.name != "host.conf" or os.path.realpath(path.parent.parent) != str(base):
+        return None
+    return Host(path.parent)
+
+
+def add(host: Host, port: int, section: Path, *, binary: str, netns: Optional[str],
+        ready_timeout: float = 10.0) -> TunnelIdentity:
+    """Serve section (a file stunnel.render_service wrote, accepting on port) from host.
+
+    Starts the host process if none runs, else reloads it; returns once it listens on
+    port. On failure the section is taken out again and TunnelError raised.
+    """
+    with _locked(host):
+        _prepare(host)
+        _link(host.link(port), section)
+        try:
+            return _serve(host, port, binary=binary, netns=netns, timeout=ready_timeout)
+        except BaseException:
+            host.link(port).unlink(missing_ok=True)
+            running = _running(host)
+            if running is not None:
+                _hup(running)  # back to the sections that worked
+            raise
+
+
+def remove(host: Host, port: int, stop_timeout: float = 5.0) -> None:
+    """Stop serving port; the process stops with its last section."""
+    with _locked(host):
+        host.link(port).unlink(missing_ok=True)
+        _prune(host)
+        running = _running(host)
+        if running is None:
+            return
+        if any(host.services.iterdir()):
+            _hup(running)
+            return
+        Tunnel(running).stop(stop_timeout)
+        host.identity_file.unlink(missing_ok=True)
+
+
+def ensure(host: Host, port: int, *, binary: str, netns: Optional[str], timeout: float = 10.0) -> TunnelIdentity:
+    """The supervisor's restart: a process of this host listening on port, started or
+    reloaded if need be. Several tunnels of a killed host each call this: the first one
+    starts the process, the others find it listening."""
+    if not host.link(port).exists():
+        raise TunnelError(f"tunnel section {host.link(port)} is gone")
+    with _locked(host):
+        running = _running(host)
+        if running is not None and listening_on(running.pid, port):
+            return running
+        return _serve(host, port, binary=binary, netns=netns, timeout=timeout)
+
+
+def running(host: Host) -> Optional[TunnelIdentity]:
+    """The host's process if it runs (its recorded identity still matches)."""
+    return _running(host)
+
+
+def _serve(host: Host, port: int, *, binary: str, netns: Optional[str], timeout: float) -> TunnelIdentity:
+    _cap_log(host)
+    running = _running(host)
+    if running is None:
+        identity = Tunnel.launch(host.config, port, stunnel_binary=binary, ready_timeout=timeout, netns=netns,
+                                 log_path=host.log).identity
+        atomic_write(host.identity_file, json.dumps(_identity_dict(identity)).encode(), 0o600)
+        return identity
+    log = StartLog(host.log, host.directory)
+    try:
+        _hup(running)
+        _wait_listening(running, port, timeout, log)
+    finally:
+        log.file.close()
+    return running
+
+
+def _wait_listening(identity: TunnelIdentity, port: int, timeout: float, log: StartLog) -> None:
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while not listening_on(identity.pid, port):
+        if not identity.running():
+            raise TunnelError(f"the shared stunnel (pid {identity.pid}) exited while reloading: {log.errors()}")
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TunnelError(f"the shared stunnel did not listen on 127.0.0.1:{port} within {timeout:g}s "
+                              f"after a reload: {log.errors()}")
+        # No event tells that a reload finished; polling backs off to 20 ms.
+        time.sleep(min(delay, remaining))
+        delay = min(delay * 2, 0.02)
+
+
+def _hup(identity: TunnelIdentity) -> None:
+    if not identity.running():
+        raise TunnelError(f"the shared stunnel (pid {identity.pid}) is not running")
+    os.kill(identity.pid, signal.SIGHUP)
+
+
+class _locked:
+    """The host's lock, held within LOCK_TIMEOUT or TunnelError."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self.fd: Optional[int] = None
+
+    def __enter__(self) -> "_locked":
+        ensure_dir(self.host.directory, 0o700)
+        self.fd = ports.lock_within(self.host.directory / "lock", LOCK_TIMEOUT)
+        if self.fd is None:
+            raise TunnelError(f"{self.host.directory} stayed locked for {LOCK_TIMEOUT:g}s")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+
+
+def _prepare(host: Host) -> None:
+    ensure_dir(host.services, 0o700)
+    config = render_host(str(host.services)).encode()
+    try:
+        current = host.config.read_bytes()
+    except FileNotFoundError:
+        current = b""
+    if current != config:
+        atomic_write(host.config, config, 0o600)
+    _prune(host)
+
+
+def _link(link: Path, section: Path) -> None:
+    """Point link at section, replacing atomically whatever is there."""
+    temp = link.with_name(f".{link.name}.tmp")
+    temp.unlink(missing_ok=True)
+    os.symlink(os.path.relpath(section, link.parent), temp)
+    os.replace(temp, link)
+
+
+def _prune(host: Host) -> None:
+    """Drop links whose mount directory is gone (a mount killed before it cleaned up)."""
+    try:
+        entries = list(host.services.iterdir())
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if entry.is_symlink() and not entry.exists():
+            entry.unlink(missing_ok=True)
+
+
+def _cap_log(host: Host) -> None:
+    try:
+        if host.log.stat().st_size > _LOG_CAP:
+            os.truncate(host.log, 0)  # stunnel writes with O_APPEND: it goes on at the new end
+    except FileNotFoundError:
+        pass
+
+
+def _running(host: Host) -> Optional[TunnelIdentity]:
+    try:
+        with open(host.identity_file, "rb") as f:
+            data = json.loads(f.read(_MAX_IDENTITY))
+        identity = TunnelIdentity(pid=int(data["pid"]), create_time=float(data["create_time"]),
+                                  cmdline=tuple(str(a) for a in data["cmdline"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    # Only the process started on this very config counts: a recycled pid never matches.
+    if identity.cmdline[1:] != (str(host.config),) or not identity.running():
+        return None
+    return identity
+
+
+def _identity_dict(identity: TunnelIdentity) -> dict:
+    return {**asdict(identity), "cmdline": list(identity.cmdline)}

@@ -137,6 +137,18 @@ def listening_on(pid: int, port: int) -> bool:
         return False
 
 
+def catches(pid: int, sig: int) -> bool:
+    """True if process pid has a handler installed for sig (SigCgt in /proc/<pid>/status)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
 class Tunnel:
     """One stunnel process serving one mount's local port."""
 
@@ -267,8 +279,20 @@ class Tunnel:
             raise TunnelError("listening() needs the tunnel's spec")
         return self.alive() and listening_on(self.identity.pid, self.spec.accept_port)
 
-    def reload(self) -> None:
-        """SIGHUP: stunnel re-reads its config and certificate files; open connections stay."""
+    def reload(self, timeout: float = 2.0) -> None:
+        """SIGHUP: stunnel re-reads its config and certificate files; open connections stay.
+
+        stunnel binds its ports before it installs its SIGHUP handler, and until then a
+        SIGHUP kills it: a tunnel that has only just started is given until it catches one.
+        """
+        deadline = time.monotonic() + timeout
+        delay = 0.001
+        while not catches(self.identity.pid, signal.SIGHUP) and self._running():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TunnelError(f"stunnel pid {self.pid} does not handle SIGHUP after {timeout:g}s")
+            time.sleep(min(delay, remaining))  # no event says a handler was installed
+            delay = min(delay * 2, 0.02)
         self._signal(signal.SIGHUP, required=True)
 
     def stop(self, timeout: float = 5.0) -> None:

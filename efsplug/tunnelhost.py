@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +40,8 @@ HOSTS_DIR = "hosts"
 LOCK_TIMEOUT = 15.0  # a holder keeps it until a start or reload listens (ready timeout 10 s)
 _LOG_CAP = 1024 * 1024  # every reload logs a few lines per section
 _MAX_IDENTITY = 64 * 1024
+_RELOAD_FAILED = "Failed to reload the configuration file"
+_ERROR_LINE = re.compile(r"LOG[0-3]\[ui\]")  # [ui]: configuration, not a connection
 
 
 @dataclass(frozen=True)
@@ -157,21 +159,28 @@ def _wait_listening(identity: TunnelIdentity, port: int, timeout: float, log: St
     deadline = time.monotonic() + timeout
     delay = 0.001
     while not listening_on(identity.pid, port):
-        if not identity.running():
-            raise TunnelError(f"the shared stunnel (pid {identity.pid}) exited while reloading: {log.errors()}")
+        said = log.tail()
+        if not identity.running() or _RELOAD_FAILED in said:
+            what = "exited while reloading" if not identity.running() else "refused the new section"
+            raise TunnelError(f"the shared stunnel (pid {identity.pid}) {what}: {reload_errors(said)}")
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TunnelError(f"the shared stunnel did not listen on 127.0.0.1:{port} within {timeout:g}s "
-                              f"after a reload: {log.errors()}")
+                              f"after a reload: {reload_errors(said)}")
         # No event tells that a reload finished; polling backs off to 20 ms.
         time.sleep(min(delay, remaining))
         delay = min(delay * 2, 0.02)
 
 
+def reload_errors(text: str) -> str:
+    """stunnel's error lines (LOG3 and worse) since a reload, on one line (pure)."""
+    found = [line.split("]: ", 1)[1].strip() for line in text.splitlines()
+             if _ERROR_LINE.search(line) and "]: " in line and _RELOAD_FAILED not in line]
+    return "; ".join(found) if found else "no output"
+
+
 def _hup(identity: TunnelIdentity) -> None:
-    if not identity.running():
-        raise TunnelError(f"the shared stunnel (pid {identity.pid}) is not running")
-    os.kill(identity.pid, signal.SIGHUP)
+    Tunnel(identity).reload()
 
 
 class _locked:

@@ -1,0 +1,146 @@
+"""A shared stunnel process (efsplug.tunnelhost) with real stunnel and real TLS, no kernel.
+
+Sections come and go by SIGHUP; data keeps flowing on a connection made before a
+reload; a section stunnel refuses is taken out again and the others go on; the process
+stops with its last section; after kill -9, ensure() brings every section back in one new
+process.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+from pathlib import Path
+from typing import Iterator, List
+
+import psutil
+import pytest
+
+from efsbed.procs import wait_until
+from efsplug import tunnelhost
+from efsplug.ports import reserve_port
+from efsplug.stunnel import render_service
+from efsplug.tunnel import TunnelError, listening_on
+from test_tunnel import STUNNEL, EchoServer, listen_socket, recv_exactly, server_context, spec_for  # noqa: F401
+from test_tunnel import ca, servers  # noqa: F401 - fixtures
+
+PORTS = (43100, 43200)
+
+pytestmark = pytest.mark.skipif(not os.path.exists(STUNNEL) and not __import__("shutil").which(STUNNEL),
+                                reason="stunnel is not installed")
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Iterator[tunnelhost.Host]:
+    h = tunnelhost.host_for(tmp_path / "state", None, STUNNEL)
+    yield h
+    found = tunnelhost.running(h)
+    if found is not None:  # a failed test: stop exactly the process it started
+        os.kill(found.pid, signal.SIGKILL)
+        wait_until(lambda: not found.running(), 5, "host stopped")
+
+
+def section(tmp_path: Path, port: int, server: EchoServer, ca, **over: object) -> Path:
+    d = tmp_path / "state" / f"mount-{port}"
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / "stunnel.conf"
+    path.write_text(render_service(spec_for(port, server, ca, **over)))
+    return path
+
+
+def ports(n: int, tmp_path: Path) -> List[int]:
+    out = []
+    for _ in range(n):
+        r = reserve_port(tmp_path / "locks", *PORTS)
+        out.append(r.port)
+        r.release()
+    return sorted(set(out)) if len(set(out)) == n else ports(n, tmp_path)
+
+
+def echo(port: int, payload: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        c.sendall(payload)
+        return recv_exactly(c, len(payload))
+
+
+def stunnels_on(host: tunnelhost.Host) -> List[int]:
+    return [p.pid for p in psutil.process_iter(["cmdline"]) if str(host.config) in (p.info["cmdline"] or [])]
+
+
+def test_sections_share_one_process_and_come_and_go(tmp_path, ca, servers, host) -> None:
+    server = EchoServer(listen_socket(), server_context(ca, tmp_path))
+    servers.append(server)
+    a, b, c = ports(3, tmp_path)
+    first = tunnelhost.add(host, a, section(tmp_path, a, server, ca), binary=STUNNEL, netns=None)
+    held = socket.create_connection(("127.0.0.1", a), timeout=10)  # a connection made before the reloads
+    try:
+        held.sendall(b"before")
+        assert recv_exactly(held, 6) == b"before"
+        second = tunnelhost.add(host, b, section(tmp_path, b, server, ca), binary=STUNNEL, netns=None)
+        assert second == first and stunnels_on(host) == [first.pid]
+        assert listening_on(first.pid, a) and listening_on(first.pid, b)
+        payload = secrets.token_bytes(64 * 1024)
+        assert echo(a, payload) == payload and echo(b, payload) == payload
+
+        # A section stunnel refuses: one line naming why; the others keep serving, and it is gone again.
+        with pytest.raises(TunnelError, match="refused the new section: No trusted certificates found; .*Failed to initialize TLS context"):
+            tunnelhost.add(host, c, section(tmp_path, c, server, ca, cafile=str(tmp_path / "empty.pem")),
+                           binary=STUNNEL, netns=None, ready_timeout=2)
+        assert not host.link(c).exists() and not listening_on(first.pid, c)
+        wait_until(lambda: listening_on(first.pid, a) and listening_on(first.pid, b), 5, "a and b still served")
+
+        tunnelhost.remove(host, a)
+        wait_until(lambda: not listening_on(first.pid, a), 5, "a no longer served")
+        assert tunnelhost.running(host) == first and echo(b, payload) == payload
+        held.sendall(b"after")  # reloads rebind listeners; they leave made connections alone
+        assert recv_exactly(held, 5) == b"after"
+
+        tunnelhost.remove(host, b)  # the last section: the process stops with it
+        assert not first.running() and tunnelhost.running(host) is None
+        assert not host.identity_file.exists() and list(host.services.iterdir()) == []
+    finally:
+        held.close()
+
+
+def test_kill_9_then_ensure_brings_every_section_back_in_one_process(tmp_path, ca, servers, host) -> None:
+    server = EchoServer(listen_socket(), server_context(ca, tmp_path))
+    servers.append(server)
+    a, b = ports(2, tmp_path)
+    old = tunnelhost.add(host, a, section(tmp_path, a, server, ca), binary=STUNNEL, netns=None)
+    tunnelhost.add(host, b, section(tmp_path, b, server, ca), binary=STUNNEL, netns=None)
+    os.kill(old.pid, signal.SIGKILL)
+    wait_until(lambda: not old.running(), 5, "killed")
+    new_a = tunnelhost.ensure(host, a, binary=STUNNEL, netns=None)  # the first tunnel to notice starts it
+    new_b = tunnelhost.ensure(host, b, binary=STUNNEL, netns=None)  # the next finds it listening
+    assert new_a == new_b != old and stunnels_on(host) == [new_a.pid]
+    payload = secrets.token_bytes(4096)
+    assert echo(a, payload) == payload and echo(b, payload) == payload
+    tunnelhost.remove(host, a)
+    tunnelhost.remove(host, b)
+    assert not new_a.running()
+
+
+def test_a_killed_mounts_leftover_link_is_pruned_and_a_gone_section_is_not_restarted(tmp_path, ca, servers, host) -> None:
+    server = EchoServer(listen_socket(), server_context(ca, tmp_path))
+    servers.append(server)
+    a, b = ports(2, tmp_path)
+    tunnelhost.add(host, a, section(tmp_path, a, server, ca), binary=STUNNEL, netns=None)
+    sec_b = section(tmp_path, b, server, ca)
+    identity = tunnelhost.add(host, b, sec_b, binary=STUNNEL, netns=None)
+    sec_b.unlink()  # b's mount directory went without its section being taken out
+    with pytest.raises(TunnelError, match="is gone"):
+        tunnelhost.ensure(host, b, binary=STUNNEL, netns=None)
+    tunnelhost.remove(host, a)  # prunes b's dangling link; no section left: the process stops
+    assert not identity.running() and list(host.services.iterdir()) == []
+
+
+def test_a_recorded_identity_of_another_process_is_never_signalled(tmp_path, host) -> None:
+    host.directory.mkdir(parents=True)
+    me = psutil.Process()
+    host.identity_file.write_text(
+        '{"pid": %d, "create_time": %r, "cmdline": %s}' % (me.pid, me.create_time(), '["stunnel", "/elsewhere.conf"]'))
+    assert tunnelhost.running(host) is None  # not started on this host's config: not ours
+    host.identity_file.write_text('{"pid": "x"')
+    assert tunnelhost.running(host) is None

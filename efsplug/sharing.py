@@ -88,6 +88,7 @@ def join(state_dir: Path, key: str, new: MountRecord, make_dir: Callable[[MountR
                 continue  # restarting or gone: the supervisor's business, not a tunnel to join
             record = replace(
                 new, port=found.port, tunnel=found.tunnel, config_file=found.config_file, share_key=key,
+                host_config=found.host_config, version=found.version,
                 cert_not_before=found.cert_not_before, cert_not_after=found.cert_not_after,
                 credential_expiry=found.credential_expiry, mount_time=when, files_created=[],
             )

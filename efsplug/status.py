@@ -51,7 +51,9 @@ class MountView:
     credential_expiry: Optional[str]
     cert_expiry: Optional[str]
     netns: Optional[str]
-    shares_tunnel_with: Tuple[str, ...] = ()  # the other mounts through the same tunnel process
+    shares_tunnel_with: Tuple[str, ...] = ()  # the other mounts through the same tunnel (port)
+    # With tunnel_process = shared: the mounts whose tunnels are other sections of the same stunnel process.
+    shares_process_with: Tuple[str, ...] = ()
 
 
 def supervised(state_dir: Path) -> bool:
@@ -71,7 +73,7 @@ def supervised(state_dir: Path) -> bool:
 
 def view(record: MountRecord, mounts: List[KernelMount], state_dir: Path, supervisor_running: bool,
          others: Tuple[MountRecord, ...] = ()) -> MountView:
-    """others: every other record, to name those sharing record's tunnel."""
+    """others: every other record, to name those sharing record's tunnel or its stunnel process."""
     mounted = any(m.is_nfs and os.path.normpath(m.mountpoint) == os.path.normpath(record.mountpoint) for m in mounts)
     users = ports_in_use(mounts).get(record.port, []) if record.port else []
     tunnel = Tunnel.from_identity(record.tunnel) if record.tunnel else None
@@ -98,6 +100,8 @@ def view(record: MountRecord, mounts: List[KernelMount], state_dir: Path, superv
         credential_source=shown_source(record.credential_source), credential_expiry=iso(record.credential_expiry),
         cert_expiry=iso(record.cert_not_after), netns=record.netns,
         shares_tunnel_with=tuple(sorted(r.mountpoint for r in sharing.siblings(record, others))),
+        shares_process_with=tuple(sorted(r.mountpoint for r in others if record.host_config is not None
+                                         and r.host_config == record.host_config and not sharing.same_tunnel(r, record))),
     )
 
 
@@ -176,6 +180,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"    tunnel: {tunnel}" + (f", netns {v.netns}" if v.netns else ""))
         if v.shares_tunnel_with:
             print(f"    tunnel shared with: {', '.join(v.shares_tunnel_with)}")
+        if v.shares_process_with:
+            print(f"    stunnel process shared with: {', '.join(v.shares_process_with)}")
         if v.access_point:
             print(f"    access point: {v.access_point}")
         if v.credential_source:

@@ -29,7 +29,7 @@ import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional, Sequence
 
 from efsplug import ports
 from efsplug.fsutil import atomic_write, ensure_dir
@@ -40,6 +40,8 @@ HOSTS_DIR = "hosts"
 LOCK_TIMEOUT = 15.0  # a holder keeps it until a start or reload listens (ready timeout 10 s)
 _LOG_CAP = 1024 * 1024  # every reload logs a few lines per section
 _MAX_IDENTITY = 64 * 1024
+_KEY = re.compile(r"[0-9a-f]{16}")
+_LINK_NAME = re.compile(r"([0-9]{1,5})\.conf")
 _RELOAD_FAILED = "Failed to reload the configuration file"
 _ERROR_LINE = re.compile(r"LOG[0-3]\[ui\]")  # [ui]: configuration, not a connection
 
@@ -85,6 +87,16 @@ def host_of_config(state_dir: Path, host_config: str) -> Optional[Host]:
     return Host(path.parent)
 
 
+def is_host_cmdline(cmdline: Sequence[str], state_dir_real: str) -> bool:
+    """cmdline is `stunnel <state_dir>/hosts/<key>/host.conf`."""
+    if len(cmdline) != 2:
+        return False
+    directory, name = os.path.split(cmdline[1])
+    parent, key = os.path.split(directory)
+    return name == "host.conf" and bool(_KEY.fullmatch(key)) \
+        and os.path.realpath(parent) == os.path.join(state_dir_real, HOSTS_DIR)
+
+
 def add(host: Host, port: int, section: Path, *, binary: str, netns: Optional[str],
         ready_timeout: float = 10.0) -> TunnelIdentity:
     """Serve section (a file stunnel.render_service wrote, accepting on port) from host.
@@ -105,10 +117,12 @@ def add(host: Host, port: int, section: Path, *, binary: str, netns: Optional[st
             raise
 
 
-def remove(host: Host, port: int, stop_timeout: float = 5.0) -> None:
-    """Stop serving port; the process stops with its last section."""
+def remove(host: Host, port: Optional[int], stop_timeout: float = 5.0) -> None:
+    """Stop serving port; the process stops with its last section. None: just stop it if
+    it has no section left (a remove cut short by a crash)."""
     with _locked(host):
-        host.link(port).unlink(missing_ok=True)
+        if port is not None:
+            host.link(port).unlink(missing_ok=True)
         _prune(host)
         running = _running(host)
         if running is None:
@@ -131,6 +145,43 @@ def ensure(host: Host, port: int, *, binary: str, netns: Optional[str], timeout:
         if running is not None and listening_on(running.pid, port):
             return running
         return _serve(host, port, binary=binary, netns=netns, timeout=timeout)
+
+
+@dataclass(frozen=True)
+class Section:
+    """A tunnel a host serves: its port, and the mount directory its section lives in."""
+
+    port: int
+    stem: str
+    age: float  # seconds since it was added
+
+
+def hosts(state_dir: Path) -> List[Host]:
+    try:
+        names = sorted(os.listdir(Path(state_dir) / HOSTS_DIR))
+    except OSError:
+        return []
+    return [Host(Path(state_dir) / HOSTS_DIR / n) for n in names if _KEY.fullmatch(n)]
+
+
+def sections(host: Host, now: float) -> List[Section]:
+    """The sections linked into host (now: time.time()); links efsplug did not make are skipped."""
+    found = []
+    try:
+        entries = list(host.services.iterdir())
+    except OSError:
+        return []
+    for entry in entries:
+        named = _LINK_NAME.fullmatch(entry.name)
+        try:
+            target = os.readlink(entry)
+            age = now - entry.lstat().st_mtime
+        except OSError:
+            continue
+        parts = Path(target).parts
+        if named and len(parts) == 5 and parts[:3] == ("..", "..", "..") and parts[4] == "stunnel.conf":
+            found.append(Section(int(named.group(1)), parts[3], age))
+    return found
 
 
 def running(host: Host) -> Optional[TunnelIdentity]:

@@ -32,7 +32,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tupl
 
 import psutil
 
-from efsplug import state
+from efsplug import state, tunnelhost
 from efsplug.mounttable import KernelMount, ports_in_use
 from efsplug.stunnel import MARKER
 from efsplug.supervisor.tunnels import is_stunnel
@@ -138,6 +138,8 @@ def candidates(state_dir: Path, known: Iterable[TunnelIdentity], now: float,
         if stem is not None and not os.path.islink(os.path.dirname(config)):
             mine, port = marked_port(config)
         if not mine:
+            if tunnelhost.is_host_cmdline(cmdline, state_dir_real):
+                continue  # a shared process: its sections are judged one by one (Sweeper)
             if foreign is not None and any(_under(a, state_dir, state_dir_real) for a in cmdline[1:]):
                 foreign(p.info["pid"], " ".join(cmdline[1:])[:200])
             continue
@@ -194,7 +196,42 @@ class Sweeper:
                      f"knows it: {verdict.reason}")
             else:
                 self._stop(c, verdict)
+        next_due = min(next_due, self._sweep_sections(now))
         self._told = seen
+        return next_due
+
+    def _sweep_sections(self, now: float) -> float:
+        """Sections of shared stunnel processes (efsplug.tunnelhost) that no record names,
+        judged by the same rules as a tunnel process; returns when to look again."""
+        next_due = now + self.interval
+        found = [(host, tunnelhost.sections(host, now)) for host in tunnelhost.hosts(self.state_dir)]
+        for host, listed in found:
+            if not listed and tunnelhost.running(host) is not None:
+                tunnelhost.remove(host, None)  # serving nothing: stopped, as its last remove would have
+        if not any(listed for _, listed in found):
+            return next_due
+        records = state.load_all(self.state_dir)[0]
+        # A section other mounts joined outlives its own mount's record (efsplug.sharing).
+        named = {os.path.basename(os.path.dirname(r.config_file)) for r in records if r.config_file}
+        ports_used = set(ports_in_use(self._read_mounts()))
+        for host, listed in found:
+            identity = tunnelhost.running(host)
+            if identity is None:
+                continue
+            for section in listed:
+                c = Candidate(identity, section.stem, section.port, section.age)
+                verdict = judge(c, claimed=section.stem in named or state.claimed(self.state_dir, section.stem),
+                                ports_used=ports_used, min_age=self.min_age)
+                if verdict.recheck_in is not None:
+                    next_due = min(next_due, now + verdict.recheck_in + 0.05)
+                elif verdict.stop:
+                    try:
+                        tunnelhost.remove(host, section.port)
+                    except (TunnelError, OSError) as exc:
+                        log.error("cannot remove orphan tunnel section %s of pid %d: %s", section.stem, identity.pid, exc)
+                        continue
+                    log.warning("removed orphan tunnel section %s (port %d) of pid %d: %s", section.stem,
+                                section.port, identity.pid, verdict.reason)
         return next_due
 
     def _stop(self, c: Candidate, verdict: Verdict) -> None:

@@ -1,0 +1,110 @@
+"""`tunnel_process = shared` in the real kernel guest: one stunnel serves every tunnel.
+
+Mounts through different access points or identities get tunnels of their own (a port
+and a section each) in one stunnel process; each carries I/O; unmounting one leaves the
+others working; the process goes with the last tunnel. kill -9 of that one process under
+I/O on every mount brings every tunnel back within two poll intervals, and every file
+arrives intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import pytest
+
+from efsbed.bed import Bed
+from efsbed.procs import wait_until
+from test_sharing_guest import by_mountpoint, listening_ports, write_read
+from test_supervisor_guest import (  # noqa: F401 - fixtures
+    EFSPLUG, POLL, _restart_gap, configure, mount, mounted, record_of, records, supervisors, tunnel_pids, umount,
+)
+
+pytestmark = pytest.mark.guest
+
+SHARED = "[efsplug]\ntunnel_process = shared\n"
+A, B, C = "/mnt/proc-a", "/mnt/proc-b", "/mnt/proc-c"
+
+
+def test_tunnels_of_different_access_points_are_sections_of_one_process(configure, supervisors, clean_guest: Bed) -> None:
+    bed = clean_guest
+    configure(SHARED)
+    supervisors()
+    first, other = bed.access_points[0], bed.access_points[1]
+    points = {A: f"tls,iam,accesspoint={first.id}", B: f"tls,iam,accesspoint={other.id}", C: f"tls,iam,accesspoint={first.id}"}
+    try:
+        for point, options in points.items():
+            mount(bed, point, options)
+        recs = {point: record_of(bed, point) for point in points}
+        # Two tunnels (C joins A's: same access point and identity), one process.
+        assert recs[A]["port"] != recs[B]["port"] and recs[C]["port"] == recs[A]["port"]
+        assert len({r["tunnel"]["pid"] for r in recs.values()}) == 1 and len(tunnel_pids(bed)) == 1
+        assert sorted(listening_ports(bed)) == sorted({recs[A]["port"], recs[B]["port"]})
+        assert recs[A]["host_config"] == recs[B]["host_config"] and recs[A]["config_file"] != recs[B]["config_file"]
+        views = by_mountpoint(bed)
+        assert views[A]["shares_tunnel_with"] == [C] and views[B]["shares_tunnel_with"] == []
+        assert views[B]["shares_process_with"] == [A, C], views[B]
+        text = bed.run([EFSPLUG, "status"]).stdout
+        assert f"stunnel process shared with: {A}, {C}" in text, text
+        write_read(bed, A, C, "through-a")
+        write_read(bed, B, B, "through-b")
+        assert (first.export_dir / "through-a").exists() and (other.export_dir / "through-b").exists()
+
+        umount(bed, B)  # its section goes; the others keep their process and their I/O
+        pid = str(recs[A]["tunnel"]["pid"])
+        assert tunnel_pids(bed) == [pid] and listening_ports(bed) == [recs[A]["port"]]
+        write_read(bed, A, C, "after-b-left")
+        umount(bed, A)
+        umount(bed, C)
+        wait_until(lambda: not tunnel_pids(bed), 10, "the process went with its last tunnel")
+    finally:
+        for point in reversed(list(points)):
+            if mounted(bed, point):
+                umount(bed, point)
+    wait_until(lambda: not records(bed) and not tunnel_pids(bed), 20, "all reaped")
+
+
+def test_the_shared_process_killed_under_io_on_every_mount(configure, supervisors, clean_guest: Bed) -> None:
+    bed = clean_guest
+    configure(SHARED)
+    sup = supervisors()
+    first, other = bed.access_points[0], bed.access_points[1]
+    points = {A: (f"tls,iam,accesspoint={first.id}", first.export_dir),
+              B: (f"tls,iam,accesspoint={other.id}", other.export_dir), C: ("tls", bed.export_dir)}
+    targets = []
+    try:
+        for point, (options, _) in points.items():
+            mount(bed, point, options)
+        before = {point: record_of(bed, point) for point in points}
+        assert len({r["port"] for r in before.values()}) == 3 and len(tunnel_pids(bed)) == 1
+        old = before[A]["tunnel"]["pid"]
+        bed.run(["dd", "if=/dev/urandom", "of=/tmp/proc-src", "bs=1M", "count=24"], timeout=120)
+        want = bed.run(["sha256sum", "/tmp/proc-src"]).stdout.split()[0]
+        jobs = [bed.guest.spawn(["dd", "if=/tmp/proc-src", f"of={point}/big-{i}", "bs=1M", "conv=fsync"],
+                                log=f"/tmp/proc-dd-{i}.log") for i, point in enumerate(points)]
+        targets = [export / f"big-{i}" for i, (_, export) in enumerate(points.values())]
+        wait_until(lambda: all(t.exists() and t.stat().st_size > 2 << 20 for t in targets), 60, "dd under way", 0.05)
+        assert bed.run(["kill", "-9", str(old)]).rc == 0
+        killed = time.monotonic()
+        wait_until(lambda: all((r := record_of(bed, p)) and r["tunnel"]["pid"] != old for p in points), 30,
+                   "every record names the restarted process", 0.05)
+        seen_after = time.monotonic() - killed
+        after = {point: record_of(bed, point) for point in points}
+        assert len({r["tunnel"]["pid"] for r in after.values()}) == 1 and len(tunnel_pids(bed)) == 1
+        assert {p: r["port"] for p, r in after.items()} == {p: r["port"] for p, r in before.items()}
+        for job in jobs:
+            wait_until(lambda: not bed.guest.kill(job, 0), 300, "dd finished", 0.5)
+        for i, target in enumerate(targets):
+            assert "24+0 records out" in bed.run(["cat", f"/tmp/proc-dd-{i}.log"]).stdout
+            assert hashlib.sha256(target.read_bytes()).hexdigest() == want
+        gap = _restart_gap(sup.log())
+        assert gap <= 2 * POLL, f"back {gap:.3f}s after the process exited (log), {seen_after:.1f}s seen from the host"
+    finally:
+        for point in reversed(list(points)):
+            if mounted(bed, point):
+                umount(bed, point)
+        bed.run(["sh", "-c", "rm -f /tmp/proc-src /tmp/proc-dd-*.log"])
+        for target in targets:
+            target.unlink(missing_ok=True)
+    wait_until(lambda: not records(bed) and not tunnel_pids(bed), 20, "all reaped")

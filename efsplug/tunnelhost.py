@@ -1,18 +1,20 @@
 """One stunnel process serving many tunnels: a section each, added and removed by SIGHUP.
 
 With `[efsplug] tunnel_process = shared`, the tunnels of one network namespace are
-sections of one stunnel process instead of a process each: about 60 KiB per tunnel
-instead of about 2 MiB. Each tunnel keeps its own port, config section (the mount
+sections of shared stunnel processes instead of a process each, up to
+`tunnels_per_process` (8) in each: a section costs about 60 KiB where a process costs
+about 2 MiB. Each tunnel keeps its own port, config section (the mount
 directory's stunnel.conf, written by stunnel.render_service), certificate and record; the
 record's `tunnel` is the shared process and its `host_config` that process's config.
 
-Under the state directory, per host (one per network namespace and stunnel binary):
+Under the state directory, per host (one per network namespace and stunnel binary, and
+more once one serves `tunnels_per_process` tunnels):
 
-    hosts/<key>/host.conf       stunnel.render_host: `include = .../services`
-    hosts/<key>/services/<port>.conf -> ../../../<mount dir>/stunnel.conf
-    hosts/<key>/host.json       the running process's TunnelIdentity
-    hosts/<key>/stunnel.log     its output (cut back when it grows past _LOG_CAP)
-    hosts/<key>/lock            held while a section is added or removed, or the process started
+    hosts/<key>-<n>/host.conf   stunnel.render_host: `include = .../services`
+    hosts/<key>-<n>/services/<port>.conf -> ../../../<mount dir>/stunnel.conf
+    hosts/<key>-<n>/host.json   the running process's TunnelIdentity
+    hosts/<key>-<n>/stunnel.log its output (cut back when it grows past _LOG_CAP)
+    hosts/<key>-<n>/lock        held while a section is added or removed, or the process started
 
 stunnel re-reads every section on SIGHUP and rebinds every listening port; connections
 already made stay as they are (tests/bed/test_stunnel_reload_guest.py proves it under NFS
@@ -40,7 +42,7 @@ HOSTS_DIR = "hosts"
 LOCK_TIMEOUT = 15.0  # a holder keeps it until a start or reload listens (ready timeout 10 s)
 _LOG_CAP = 1024 * 1024  # every reload logs a few lines per section
 _MAX_IDENTITY = 64 * 1024
-_KEY = re.compile(r"[0-9a-f]{16}")
+_KEY = re.compile(r"[0-9a-f]{16}-[0-9]{1,6}")
 _LINK_NAME = re.compile(r"([0-9]{1,5})\.conf")
 _RELOAD_FAILED = "Failed to reload the configuration file"
 _ERROR_LINE = re.compile(r"LOG[0-3]\[ui\]")  # [ui]: configuration, not a connection
@@ -72,10 +74,27 @@ class Host:
         return self.services / f"{int(port)}.conf"
 
 
-def host_for(state_dir: Path, netns: Optional[str], binary: str) -> Host:
-    """The host serving tunnels of this network namespace (None: the host's own) run by binary."""
+def host_for(state_dir: Path, netns: Optional[str], binary: str, capacity: int) -> Host:
+    """A host for one more tunnel of this network namespace (None: the host's own) run by
+    binary: the first with fewer than capacity sections.
+
+    Every reload re-reads every section (about 2.5 ms each), and a kill -9 takes all of a
+    process's tunnels down at once, so a process serves a bounded number. Two mounts
+    choosing at the same moment may both pick the last free place: one section too many
+    costs a little reload time, nothing else.
+    """
     key = hashlib.sha256(json.dumps([netns, binary]).encode()).hexdigest()[:16]
-    return Host(Path(state_dir) / HOSTS_DIR / key)
+    base = Path(state_dir) / HOSTS_DIR
+    slot = 0
+    while True:
+        host = Host(base / f"{key}-{slot}")
+        try:
+            used = sum(1 for _ in host.services.iterdir())
+        except FileNotFoundError:
+            return host
+        if used < capacity:
+            return host
+        slot += 1
 
 
 def host_of_config(state_dir: Path, host_config: str) -> Optional[Host]:

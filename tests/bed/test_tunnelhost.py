@@ -34,7 +34,7 @@ pytestmark = pytest.mark.skipif(not os.path.exists(STUNNEL) and not __import__("
 
 @pytest.fixture
 def host(tmp_path: Path) -> Iterator[tunnelhost.Host]:
-    h = tunnelhost.host_for(tmp_path / "state", None, STUNNEL)
+    h = tunnelhost.host_for(tmp_path / "state", None, STUNNEL, 8)
     yield h
     found = tunnelhost.running(h)
     if found is not None:  # a failed test: stop exactly the process it started

@@ -15,8 +15,10 @@ Run by run, interleaved:
 - a mount that joins a live tunnel (same identity), against the bare stub mount.nfs4;
 each mount.efs case alone and with a resident efsplug (a MountService in this process,
 as the agent or `efsplug supervise` runs one) preparing it (efsplug.handoff).
+`tls` with `tunnel_process = shared` and that process already serving another tunnel.
 Then memory: PSS of the stunnel processes at 1 and at 50 live tunnels (distinct file
-systems), and the ports in use once 50 more mounts joined them.
+systems), and the ports in use once 50 more mounts joined them; with a process per
+tunnel, and with one shared process.
 
 `--baseline <dir>` times that efsplug package (PYTHONPATH) alternately with this one.
 """
@@ -81,15 +83,18 @@ class HostBench:
         (root / "home" / ".aws").mkdir(parents=True)
         (root / "home" / ".aws" / "credentials").write_text(
             f"[bench]\naws_access_key_id = {KEY_ID}\naws_secret_access_key = {SECRET}\n")
-        (root / "efs-utils.conf").write_text(
-            f"[mount]\nregion = us-east-1\nstunnel_cafile = {self.ca.cert_path}\n[efsplug]\nstate_dir = {self.state}\n")
+        text = f"[mount]\nregion = us-east-1\nstunnel_cafile = {self.ca.cert_path}\n[efsplug]\nstate_dir = {self.state}\n"
+        (root / "efs-utils.conf").write_text(text)
+        (root / "efs-utils-shared.conf").write_text(text + "tunnel_process = shared\n")
+        self.shared = False  # tunnel_process = shared in the config mount.efs reads
         self.stunnel = shutil.which("stunnel") or shutil.which("stunnel4") or "stunnel"
         self.installed = rpmform.install(root / "installed")
         self.samples: Dict[str, List[float]] = {}
 
     def env(self, baseline: bool, handed: bool = False) -> Dict[str, str]:
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "HOME": str(self.root / "home"),
-               "EFSPLUG_CONFIG": str(self.root / "efs-utils.conf"), "AWS_EC2_METADATA_DISABLED": "true",
+               "EFSPLUG_CONFIG": str(self.root / ("efs-utils-shared.conf" if self.shared else "efs-utils.conf")),
+               "AWS_EC2_METADATA_DISABLED": "true",
                handoff.SOCKET_ENV: str(self.socket if handed else self.root / "no-resident-efsplug.sock")}
         if baseline:
             env["PYTHONPATH"] = str(self.baseline)
@@ -172,6 +177,20 @@ class HostBench:
                     if counted:
                         self.add(name + label, ms)
             for label, baseline, handed, entry in self.variants():
+                if baseline:
+                    continue  # a baseline may not know tunnel_process
+                # tunnel_process = shared, a process already serving another file system's tunnel:
+                # the new tunnel is a section added by SIGHUP.
+                self.shared = True
+                try:
+                    self.mount_efs(mnt, CASES["tls"], fs="fs-87654321")
+                    ms = self.mount_efs(joiner, CASES["tls"], handed=handed, entry=entry)
+                finally:
+                    self.shared = False
+                    self.clean()
+                if counted:
+                    self.add("tls, shared process running" + label, ms)
+            for label, baseline, handed, entry in self.variants():
                 self.mount_efs(mnt, CASES["tls"])  # a live tunnel to join (the baseline may not)
                 ms = self.mount_efs(joiner, CASES["tls"], baseline=baseline, handed=handed, entry=entry)
                 self.clean()
@@ -185,28 +204,45 @@ class HostBench:
                          self.python(["/usr/bin/python3", "-sS"]))
 
     def memory(self, count: int = 50) -> Dict[str, float]:
-        def pss_kib() -> List[int]:
-            out = []
-            for record in self.records():
-                with open(f"/proc/{record['tunnel']['pid']}/smaps_rollup") as f:
-                    out.append(next(int(l.split()[1]) for l in f if l.startswith("Pss:")))
-            return out
+        """PSS of the stunnel processes at 1 and at count tunnels (distinct file systems), then
+        the ports in use once count more mounts joined them; per-mount processes, then one
+        shared process (tunnel_process = shared)."""
+        result: Dict[str, float] = {}
+        for shared, label in ((False, "per-mount processes"), (True, "tunnel_process = shared")):
+            self.shared = shared
+            try:
+                result.update({f"{label}: {k}": v for k, v in self._memory(count).items()})
+            finally:
+                self.shared = False
+                self.clean()
+        result.update(self.one_process(count))
+        return result
+
+    def _memory(self, count: int) -> Dict[str, float]:
+        def pss_kib() -> int:
+            total = 0
+            for pid in {record["tunnel"]["pid"] for record in self.records()}:
+                with open(f"/proc/{pid}/smaps_rollup") as f:
+                    total += next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+            return total
 
         self.mount_efs(self.root / "m0", "tls", fs="fs-10000000")
-        one = sum(pss_kib())
+        one = pss_kib()
+        added = []
         for n in range(1, count):
+            start = time.perf_counter()
             self.mount_efs(self.root / f"m{n}", "tls", fs=f"fs-1{n:07d}")
-        total = sum(pss_kib())  # one record per tunnel so far
+            added.append((time.perf_counter() - start) * 1000)
+        total = pss_kib()
         for n in range(count):  # a second mount of each: joins
             self.mount_efs(self.root / f"j{n}", "tls", fs=f"fs-1{n:07d}")
         listing = subprocess.run(["ss", "-Hltn"], capture_output=True, text=True).stdout
         ports = len([p for p in re.findall(r"127\.0\.0\.1(?:%\w+)?:(\d+)", listing) if 20049 <= int(p) < 21049])
-        result = {"tunnels": len({r["tunnel"]["pid"] for r in self.records()}), "mounts": len(self.records()), "listening ports": ports,
-                  "PSS of one tunnel, KiB": one, f"PSS of {count} tunnels, KiB": total,
-                  "PSS per additional tunnel, KiB": (total - one) / (count - 1)}
-        self.clean()
-        result.update(self.one_process(count))
-        return result
+        return {"tunnels": len({r["port"] for r in self.records()}), "stunnel processes":
+                len({r["tunnel"]["pid"] for r in self.records()}), "mounts": len(self.records()), "listening ports": ports,
+                "PSS of one tunnel, KiB": one, f"PSS of {count} tunnels, KiB": total,
+                "PSS per additional tunnel, KiB": (total - one) / (count - 1),
+                f"mount.efs of tunnel {count}, ms": added[-1]}
 
     def one_process(self, count: int) -> Dict[str, float]:
         """For comparison, not what efsplug runs: one stunnel serving count tunnels as sections."""

@@ -92,7 +92,8 @@ def _finish_handed(answer: dict) -> int:
 
     nfs = NfsMount(fields["source"], fields["mountpoint"], fields["options"], netns=fields["netns"],
                    flags=tuple(fields["flags"]), access_point=fields["access_point"],
-                   tunnel_log=fields["tunnel_log"], target=fields["target"], identity=fields["identity"])
+                   tunnel_log=fields["tunnel_log"], tunnel_service=fields.get("tunnel_service"), target=fields["target"],
+                   identity=fields["identity"])
     verbose = bool(fields["verbose"])
     started = time.perf_counter()
     interrupt.arm()

@@ -20,7 +20,7 @@ from efsplug import naming, state
 from efsplug.config import Config, MountConfig
 from efsplug.errors import MountFailure, shown
 from efsplug.imds import InstanceMetadata, MetadataUnavailable
-from efsplug.mounttunnel import Identity, start_tunnel, tunnel_log_path
+from efsplug.mounttunnel import Identity, start_tunnel, tunnel_log_path, tunnel_service
 from efsplug.netns import check_namespace
 from efsplug.nfs import NfsMount, finish_mount as finish_nfs_mount
 from efsplug.options import MountRequest, nfs_device, nfs_mount_options, validate_region
@@ -114,7 +114,7 @@ def prepare_mount(
     record = start_tunnel(request, config, mount_config, region, target, identity, timings, now, undo)
     return _prepared(
         request, mount_config, record, f"127.0.0.1:{request.path}", nfs_mount_options(request, tunnel_port=record.port),
-        tunnel_log=str(tunnel_log_path(record)), target=target.address,
+        tunnel_log=str(tunnel_log_path(record)), tunnel_service=tunnel_service(record), target=target.address,
         identity=describe_identity(identity),
     )
 
@@ -202,6 +202,7 @@ def _prepared(
     options: str,
     *,
     tunnel_log: Optional[str] = None,
+    tunnel_service: Optional[str] = None,
     target: str = "the mount target",
     identity: Optional[str] = None,
 ) -> Prepared:
@@ -210,7 +211,7 @@ def _prepared(
     return Prepared(
         record,
         NfsMount(source, str(request.mountpoint), options, netns=request.netns, flags=flags,
-                 access_point=request.accesspoint, tunnel_log=tunnel_log, target=target, identity=identity),
+                 access_point=request.accesspoint, tunnel_log=tunnel_log, tunnel_service=tunnel_service, target=target, identity=identity),
         attempts=attempts,
         attempt_timeout=float(mount_config.retry_nfs_mount_command_timeout_sec),
         verbose=request.verbose,

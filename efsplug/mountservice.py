@@ -158,6 +158,7 @@ def _prepared_fields(prepared: Any) -> Dict[str, Any]:
         "port": None if record is None else record.port,
         "source": nfs.source, "mountpoint": nfs.mountpoint, "options": nfs.options, "netns": nfs.netns,
         "flags": list(nfs.flags), "access_point": nfs.access_point, "tunnel_log": nfs.tunnel_log,
+        "tunnel_service": nfs.tunnel_service,
         "target": nfs.target, "identity": nfs.identity,
         "attempts": prepared.attempts, "attempt_timeout": prepared.attempt_timeout, "verbose": prepared.verbose,
     }

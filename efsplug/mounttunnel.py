@@ -22,7 +22,7 @@ from efsplug.errors import MountFailure
 from efsplug.fsutil import atomic_write, ensure_dir
 from efsplug.options import MountRequest, parse_ip
 from efsplug.resolve import MountTarget
-from efsplug.stunnel import TunnelSpec, render_service
+from efsplug.stunnel import TunnelSpec, render_service, service_name
 from efsplug.tunnel import Tunnel, TunnelError
 
 if TYPE_CHECKING:
@@ -173,6 +173,11 @@ def tunnel_log_path(record: state.MountRecord) -> Path:
     if record.host_config:
         return Path(record.host_config).with_name(TUNNEL_LOG)
     return Path(str(record.config_file)).with_name(TUNNEL_LOG)
+
+
+def tunnel_service(record: state.MountRecord) -> Optional[str]:
+    """The name of record's section in its shared process's log; None: the log is its own."""
+    return service_name(record.port) if record.host_config and record.port else None
 
 
 def _own_dir(state_dir: Path, record: state.MountRecord) -> Path:

@@ -36,6 +36,7 @@ _LOG_TAIL_BYTES = 64 * 1024
 _CLOSED = re.compile(r"Connection [a-z/]+: (\d+) byte\(s\) sent to TLS, (\d+) byte\(s\) sent to socket")
 _CONNECT_FAILED = re.compile(r"s_connect: connect (\S+: .+)")  # not "s_connect: connected <ip>"
 _CERT_PROBLEM = re.compile(r"(CERT: .*|Rejected by CERT.*|certificate verify failed.*)")
+_CONNECTION = re.compile(r"(?:^|\s)LOG[0-7]\[([0-9]+)\]: ")  # the connection a line is about ("[ui]": none)
 _TLS_ALERT = re.compile(r"SSL_connect: .*?:([^:]+)$")
 
 
@@ -49,6 +50,7 @@ class NfsMount(NamedTuple):
     flags: Sequence[str] = ()  # mount(8) flags passed on: -n, -s, -v
     access_point: Optional[str] = None
     tunnel_log: Optional[str] = None  # the tunnel's log, when mounting through one
+    tunnel_service: Optional[str] = None  # its section's name when that log is a shared process's
     target: str = "the mount target"  # where the tunnel connects, for messages
     identity: Optional[str] = None  # "IAM identity <source> (access key <id>)"; never a secret
 
@@ -68,11 +70,20 @@ class TunnelVerdict(NamedTuple):
         return self.answered == 0 and self.refused + self.failed >= REFUSALS_BEFORE_GIVING_UP
 
 
-def read_tunnel_log(text: str) -> TunnelVerdict:
-    """Count stunnel's per-connection outcomes; keep the first reason of each kind."""
+def read_tunnel_log(text: str, service: Optional[str] = None) -> TunnelVerdict:
+    """Count stunnel's per-connection outcomes; keep the first reason of each kind.
+
+    service: in a log shared by several tunnels (tunnel_process = shared), only the
+    connections that section accepted count; stunnel numbers connections per process.
+    """
     counts = {"refused": 0, "failed": 0, "answered": 0}
     reasons: dict = {}
-    for line in text.splitlines():
+    lines = text.splitlines()
+    if service is not None:
+        accepted = f"]: Service [{service}] accepted connection"
+        ours = {m.group(1) for line in lines if accepted in line and (m := _CONNECTION.search(line))}
+        lines = [line for line in lines if (m := _CONNECTION.search(line)) and m.group(1) in ours]
+    for line in lines:
         line = line.rstrip()
         closed = _CLOSED.search(line)
         if closed:
@@ -154,7 +165,7 @@ def _tunnel_verdict(mount: NfsMount, since: int) -> TunnelVerdict:
     try:
         with open(mount.tunnel_log, "rb") as f:
             f.seek(max(since, f.seek(0, 2) - _LOG_TAIL_BYTES))
-            return read_tunnel_log(f.read().decode(errors="replace"))
+            return read_tunnel_log(f.read().decode(errors="replace"), mount.tunnel_service)
     except OSError:
         return TunnelVerdict()
 

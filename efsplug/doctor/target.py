@@ -187,7 +187,7 @@ class TargetChecks:
 
     def tunnel_null(self) -> str:
         from efsplug.mount import Timings, describe_identity
-        from efsplug.mounttunnel import Identity, start_tunnel
+        from efsplug.mounttunnel import Identity, start_tunnel, tunnel_log_path, tunnel_service
         from efsplug.nfs import NfsMount, read_tunnel_log, tunnel_diagnosis
 
         request, target, config = self._request(), self._target(), self.host.config
@@ -196,12 +196,12 @@ class TargetChecks:
         with contextlib.ExitStack() as undo:  # everything made is undone: tunnel, port, record, certificate
             record = start_tunnel(probe, config, config.mount_for_region(self.region), self.region, target,
                                   self.identity or Identity(), Timings(), lambda: datetime.now(timezone.utc), undo)
-            log_path = Path(str(record.config_file)).with_name("stunnel.log")
+            log_path = tunnel_log_path(record)
             try:
                 with self._connect("127.0.0.1", int(record.port or 0), NULL_TIMEOUT) as sock:
                     reply = rpc.call_null(sock)
             except (OSError, ValueError) as exc:
-                verdict = read_tunnel_log(_read_text(log_path))
+                verdict = read_tunnel_log(_read_text(log_path), tunnel_service(record))
                 mount = NfsMount("", probe.mountpoint or "", "", access_point=request.accesspoint,
                                  target=target.address, identity=describe_identity(self.identity) if self.identity else None)
                 diagnosis = tunnel_diagnosis(verdict, mount)  # the mount's own words: cause and what to check

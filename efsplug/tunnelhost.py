@@ -153,16 +153,21 @@ def remove(host: Host, port: Optional[int], stop_timeout: float = 5.0) -> None:
         host.identity_file.unlink(missing_ok=True)
 
 
-def ensure(host: Host, port: int, *, binary: str, netns: Optional[str], timeout: float = 10.0) -> TunnelIdentity:
+def ensure(host: Host, port: int, section: Path, *, binary: str, netns: Optional[str],
+           timeout: float = 10.0) -> TunnelIdentity:
     """The supervisor's restart: a process of this host listening on port, started or
-    reloaded if need be. Several tunnels of a killed host each call this: the first one
-    starts the process, the others find it listening."""
-    if not host.link(port).exists():
-        raise TunnelError(f"tunnel section {host.link(port)} is gone")
+    reloaded if need be (section linked in again if its link went). Several tunnels of a
+    killed host each call this: the first one starts the process, the others find it
+    listening."""
+    if not section.is_file():
+        raise TunnelError(f"tunnel section {section} is gone")
     with _locked(host):
         running = _running(host)
         if running is not None and listening_on(running.pid, port):
             return running
+        _prepare(host)
+        if not host.link(port).exists():
+            _link(host.link(port), section)
         return _serve(host, port, binary=binary, netns=netns, timeout=timeout)
 
 

@@ -84,11 +84,12 @@ def serve_hosted(record: MountRecord, state_dir: Path, default_binary: str, *,
     record's port, else reloaded, or started again (the first of its tunnels to ask)."""
     assert record.host_config is not None
     host = tunnelhost.host_of_config(state_dir, record.host_config)
-    if host is None or record.port is None:
+    section = record.config_file
+    if host is None or record.port is None or section is None or not _inside(section, state_dir):
         raise TunnelError(f"the record of {record.mountpoint} names no shared tunnel under {state_dir}")
     recorded = list(record.tunnel.cmdline) if record.tunnel else []
     binary = recorded[0] if recorded and is_stunnel(recorded) else default_binary
-    return tunnelhost.ensure(host, record.port, binary=binary, netns=record.netns, timeout=timeout)
+    return tunnelhost.ensure(host, record.port, Path(section), binary=binary, netns=record.netns, timeout=timeout)
 
 
 def open_pidfd(identity: TunnelIdentity) -> Optional[int]:

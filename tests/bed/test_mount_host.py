@@ -20,7 +20,7 @@ import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import psutil
 import pytest
@@ -111,7 +111,10 @@ def lock_is_held(path: Path) -> bool:
 def nothing_left(host: Host) -> None:
     """Only the shared key and the ports lock dir may stay; no lock held, no tunnel running."""
     if host.state_dir.exists():
-        assert {p.name for p in host.state_dir.iterdir()} <= {"privateKey.pem", "ports"}
+        assert {p.name for p in host.state_dir.iterdir()} <= {"privateKey.pem", "ports", "hosts"}
+        # A shared stunnel process's directory stays for the next one; it serves nothing and runs nothing.
+        for shared in (host.state_dir / "hosts").glob("*"):
+            assert list((shared / "services").iterdir()) == [] and not (shared / "host.json").exists()
         ports = host.state_dir / "ports"
         held = [p.name for p in ports.iterdir() if lock_is_held(p)] if ports.exists() else []
         assert held == []
@@ -346,16 +349,18 @@ def test_netns_fifo_is_refused_without_blocking(host: Host) -> None:
 
 # --- failures after the tunnel started (real stunnel, host kernel without NFS) ----------------
 
-@pytest.fixture
-def traced_stunnel(host: Host) -> Path:
+@pytest.fixture(params=["per-mount", "shared"])
+def traced_stunnel(host: Host, request: pytest.FixtureRequest) -> Iterator[Path]:
     """A stunnel wrapper that records its pid (kept by exec) and its parent's: proof the
-    tunnel really ran, and of who started it."""
+    tunnel really ran, and of who started it; with a process per tunnel, and shared."""
     started = host.root / "stunnel-pids"
     wrapper = host.root / "stunnel-traced"
     wrapper.write_text(f"#!/bin/sh\necho $$ $PPID >> {started}\nexec /usr/bin/stunnel \"$@\"\n")
     wrapper.chmod(0o755)
-    host.write_config(efsplug={"stunnel": str(wrapper)})
-    return started
+    host.write_config(efsplug={"stunnel": str(wrapper), "tunnel_process": request.param})
+    yield started
+    if started.exists():  # the tunnel ran where the mode says
+        assert (host.state_dir / "hosts").exists() == (request.param == "shared")
 
 
 def started_and_gone(started: Path) -> List[int]:

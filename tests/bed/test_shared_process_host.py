@@ -12,6 +12,8 @@ import os
 import secrets
 import signal
 import socket
+import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, List
 
@@ -112,8 +114,8 @@ def test_kill_9_then_ensure_brings_every_section_back_in_one_process(tmp_path, c
     tunnelhost.add(host, b, section(tmp_path, b, server, ca), binary=STUNNEL, netns=None)
     os.kill(old.pid, signal.SIGKILL)
     wait_until(lambda: not old.running(), 5, "killed")
-    new_a = tunnelhost.ensure(host, a, binary=STUNNEL, netns=None)  # the first tunnel to notice starts it
-    new_b = tunnelhost.ensure(host, b, binary=STUNNEL, netns=None)  # the next finds it listening
+    new_a = tunnelhost.ensure(host, a, host.link(a).resolve(), binary=STUNNEL, netns=None)  # the first to notice starts it
+    new_b = tunnelhost.ensure(host, b, host.link(b).resolve(), binary=STUNNEL, netns=None)  # the next finds it listening
     assert new_a == new_b != old and stunnels_on(host) == [new_a.pid]
     payload = secrets.token_bytes(4096)
     assert echo(a, payload) == payload and echo(b, payload) == payload
@@ -131,7 +133,7 @@ def test_a_killed_mounts_leftover_link_is_pruned_and_a_gone_section_is_not_resta
     identity = tunnelhost.add(host, b, sec_b, binary=STUNNEL, netns=None)
     sec_b.unlink()  # b's mount directory went without its section being taken out
     with pytest.raises(TunnelError, match="is gone"):
-        tunnelhost.ensure(host, b, binary=STUNNEL, netns=None)
+        tunnelhost.ensure(host, b, sec_b, binary=STUNNEL, netns=None)
     tunnelhost.remove(host, a)  # prunes b's dangling link; no section left: the process stops
     assert not identity.running() and list(host.services.iterdir()) == []
 
@@ -144,3 +146,35 @@ def test_a_recorded_identity_of_another_process_is_never_signalled(tmp_path, hos
     assert tunnelhost.running(host) is None  # not started on this host's config: not ours
     host.identity_file.write_text('{"pid": "x"')
     assert tunnelhost.running(host) is None
+
+
+def test_the_orphan_sweep_removes_a_section_no_record_or_mount_owns(tmp_path, ca, servers, host) -> None:
+    """A mount killed after its section was added but before its record was saved."""
+    from efsplug import state
+    from efsplug.mounttable import KernelMount
+    from efsplug.supervisor.orphans import Sweeper
+
+    server = EchoServer(listen_socket(), server_context(ca, tmp_path))
+    servers.append(server)
+    state_dir = tmp_path / "state"
+    owned, used, orphan = ports(3, tmp_path)
+    stems = {}
+    for port, mountpoint in ((owned, "/mnt/owned"), (used, "/mnt/used"), (orphan, "/mnt/orphan")):
+        record = state.MountRecord(fs_id="fs-12345678", mountpoint=mountpoint, port=port)
+        stem = state.file_name(record)[:-len(state.SUFFIX)]
+        (state_dir / stem).mkdir(parents=True)
+        (state_dir / stem / "stunnel.conf").write_text(render_service(spec_for(port, server, ca)))
+        identity = tunnelhost.add(host, port, state_dir / stem / "stunnel.conf", binary=STUNNEL, netns=None)
+        stems[port] = (record, stem)
+    state.save(state_dir, replace(stems[owned][0], tunnel=identity, config_file=str(state_dir / stems[owned][1] / "stunnel.conf"),
+                                  host_config=str(host.config), version=state.HOSTED_VERSION))
+    kernel = [KernelMount(1, "/mnt/used", "nfs4", "127.0.0.1:/", f"rw,port={used},addr=127.0.0.1", used)]
+
+    young = Sweeper(state_dir, min_age=60, interval=30, read_mounts=lambda: kernel)
+    due = young.sweep([identity], time.time())
+    assert due < time.time() + 61 and sorted(s.port for s in tunnelhost.sections(host, time.time())) == [owned, used, orphan]
+
+    Sweeper(state_dir, min_age=0, interval=30, read_mounts=lambda: kernel).sweep([identity], time.time())
+    assert sorted(s.port for s in tunnelhost.sections(host, time.time())) == [owned, used]
+    wait_until(lambda: not listening_on(identity.pid, orphan), 5, "the orphan section no longer served")
+    assert listening_on(identity.pid, owned) and listening_on(identity.pid, used) and identity.running()

@@ -236,3 +236,19 @@ def test_concurrent_creators_converge_on_one_key(tmp_path: Path) -> None:
     assert path.read_bytes() == pems[0]
     assert stat.S_IMODE(path.stat().st_mode) == 0o400
     assert os.listdir(path.parent) == ["privateKey.pem"]
+
+
+def test_our_own_key_loads_without_the_slow_rsa_check_on_every_cryptography(tmp_path: Path) -> None:
+    """cryptography >= 39 takes a keyword; 36-38 (AL2023's 36, Debian's 38) a backend flag,
+    set only around the load. Either way the key is the one written, and a hostile file is refused."""
+    path = tmp_path / "privateKey.pem"
+    made = certificate.load_or_create_private_key(path)
+    loaded = certificate._load_unchecked_before_39(path.read_bytes())
+    assert loaded.private_numbers() == made.private_numbers()
+    from cryptography.hazmat.backends.openssl.backend import backend
+
+    assert getattr(backend, "_rsa_skip_check_key", False) is False  # restored for any other load
+    bad = tmp_path / "bad.pem"
+    bad.write_bytes(b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+    with pytest.raises(MountFailure, match="not a readable PEM key"):
+        certificate._load_key(bad)

@@ -19,7 +19,9 @@ import json
 import os
 import socket
 import time
-from typing import Dict, List, Mapping, Optional
+TYPE_CHECKING = False  # typing is not imported at run time: mount.efs pays for every import
+if TYPE_CHECKING:
+    from typing import Dict, List, Mapping, Optional
 
 DEFAULT_SOCKET = "/run/efsplug/mount.sock"
 SOCKET_ENV = "EFSPLUG_MOUNT_SOCKET"

@@ -7,12 +7,14 @@ itself fails. Every failure is one line on stderr that names the cause and the f
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, List, Optional
 
 from efsplug import __version__, interrupt
 from efsplug.errors import EXIT_MOUNT_FAILURE, EfsplugError
 
+TYPE_CHECKING = False  # typing is not imported at run time: mount.efs pays for every import
 if TYPE_CHECKING:
+    from typing import List, Optional
+
     from efsplug.cloudwatch import LogSink
     from efsplug.config import Config
     from efsplug.options import MountRequest

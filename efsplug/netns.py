@@ -11,18 +11,20 @@ import contextlib
 import fcntl
 import os
 import stat
-from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 from efsplug.errors import MountFailure, shown
 
+TYPE_CHECKING = False  # typing is not imported at run time: mount.efs pays for every import
+if TYPE_CHECKING:
+    from typing import Callable, Iterator, Optional
+
 CLONE_NEWNET = 0x40000000
-NETNS_RUN_DIR = Path("/run/netns")
+NETNS_RUN_DIR = "/run/netns"
 
 
-def netns_path(netns: str) -> Path:
+def netns_path(netns: str) -> str:
     """A namespace given as a path (/proc/<pid>/ns/net) or an `ip netns` name."""
-    return Path(netns) if "/" in netns else NETNS_RUN_DIR / netns
+    return netns if "/" in netns else os.path.join(NETNS_RUN_DIR, netns)
 
 
 NS_GET_NSTYPE = 0xB703  # ioctl on a namespace file: its CLONE_NEW* type (Linux >= 4.11)

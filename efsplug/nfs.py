@@ -20,7 +20,11 @@ import re
 import subprocess
 import sys
 import time
-from typing import List, NamedTuple, Optional, Sequence
+from collections import namedtuple
+
+TYPE_CHECKING = False  # typing is not imported at run time: mount.efs pays for every import
+if TYPE_CHECKING:
+    from typing import List, Optional, Sequence
 
 from efsplug.errors import MountFailure
 from efsplug.interrupt import Interrupted
@@ -40,30 +44,32 @@ _CONNECTION = re.compile(r"(?:^|\s)LOG[0-7]\[([0-9]+)\]: ")  # the connection a 
 _TLS_ALERT = re.compile(r"SSL_connect: .*?:([^:]+)$")
 
 
-# NamedTuples, not dataclasses: mount.efs imports this module even when a resident efsplug
-# prepared its mount, and the dataclasses module alone costs it a few milliseconds.
-class NfsMount(NamedTuple):
-    source: str  # 127.0.0.1:/path through a tunnel, or <dns name or ip>:/path without TLS
-    mountpoint: str
-    options: str
-    netns: Optional[str] = None
-    flags: Sequence[str] = ()  # mount(8) flags passed on: -n, -s, -v
-    access_point: Optional[str] = None
-    tunnel_log: Optional[str] = None  # the tunnel's log, when mounting through one
-    tunnel_service: Optional[str] = None  # its section's name when that log is a shared process's
-    target: str = "the mount target"  # where the tunnel connects, for messages
-    identity: Optional[str] = None  # "IAM identity <source> (access key <id>)"; never a secret
+# Named tuples, not dataclasses or typing.NamedTuple: mount.efs imports this module even
+# when a resident efsplug prepared its mount, and dataclasses or typing alone cost it
+# milliseconds.
+class NfsMount(namedtuple("NfsMount", [
+    "source",  # str: 127.0.0.1:/path through a tunnel, or <dns name or ip>:/path without TLS
+    "mountpoint", "options",  # str
+    "netns",  # Optional[str]
+    "flags",  # Sequence[str]: mount(8) flags passed on: -n, -s, -v
+    "access_point",  # Optional[str]
+    "tunnel_log",  # Optional[str]: the tunnel's log, when mounting through one
+    "tunnel_service",  # Optional[str]: its section's name when that log is a shared process's
+    "target",  # str: where the tunnel connects, for messages
+    "identity",  # Optional[str]: "IAM identity <source> (access key <id>)"; never a secret
+], defaults=(None, (), None, None, None, "the mount target", None))):
+    __slots__ = ()
 
 
-class TunnelVerdict(NamedTuple):
+class TunnelVerdict(namedtuple("TunnelVerdict", [
+    "refused",  # int: closed by the server after the handshake, without an answer
+    "failed",  # closed before any byte went through: unreachable, or the handshake failed
+    "answered",  # connections that carried replies: the server does talk to us
+    "connect_error", "cert_error", "tls_error",  # Optional[str]: the first reason of each kind
+], defaults=(0, 0, 0, None, None, None))):
     """What the tunnel's log says about the connections made so far (pure)."""
 
-    refused: int = 0  # closed by the server after the handshake, without an answer
-    failed: int = 0  # closed before any byte went through: unreachable, or the handshake failed
-    answered: int = 0  # connections that carried replies: the server does talk to us
-    connect_error: Optional[str] = None
-    cert_error: Optional[str] = None
-    tls_error: Optional[str] = None
+    __slots__ = ()
 
     @property
     def hopeless(self) -> bool:

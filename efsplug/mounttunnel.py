@@ -139,8 +139,8 @@ def _new_tunnel(
         with timings.phase("tunnel"):
             try:
                 if shared:
-                    host = tunnelhost.host_for(state_dir, request.netns, binary, config.efsplug.tunnels_per_process)
-                    return _hosted_tunnel(spec, mount_dir, host, binary, request.netns, record, now(), undo)
+                    return _hosted_tunnel(spec, mount_dir, state_dir, binary, request.netns,
+                                          config.efsplug.tunnels_per_process, record, now(), undo)
                 tunnel = Tunnel.start(
                     spec, config_path=mount_dir / "stunnel.conf", stunnel_binary=binary,
                     netns=request.netns, log_path=mount_dir / TUNNEL_LOG,
@@ -157,12 +157,13 @@ def _new_tunnel(
     )
 
 
-def _hosted_tunnel(spec: TunnelSpec, mount_dir: Path, host: tunnelhost.Host, binary: str, netns: Optional[str],
-                   record: state.MountRecord, when: datetime, undo: contextlib.ExitStack) -> state.MountRecord:
-    """The tunnel as a section of the namespace's shared stunnel process (efsplug.tunnelhost)."""
+def _hosted_tunnel(spec: TunnelSpec, mount_dir: Path, state_dir: Path, binary: str, netns: Optional[str],
+                   capacity: int, record: state.MountRecord, when: datetime,
+                   undo: contextlib.ExitStack) -> state.MountRecord:
+    """The tunnel as a section of a shared stunnel process of its namespace (efsplug.tunnelhost)."""
     section = mount_dir / "stunnel.conf"
     atomic_write(section, render_service(spec).encode(), 0o600)
-    identity = tunnelhost.add(host, spec.accept_port, section, binary=binary, netns=netns)
+    host, identity = tunnelhost.place(state_dir, netns, binary, capacity, spec.accept_port, section)
     undo.callback(tunnelhost.remove, host, spec.accept_port)
     return replace(record, tunnel=identity, config_file=str(section), host_config=str(host.config),
                    version=state.HOSTED_VERSION, files_created=[str(mount_dir)], mount_time=when)

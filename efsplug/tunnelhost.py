@@ -31,7 +31,7 @@ import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import AbstractSet, List, Optional, Sequence, Set, Tuple
 
 from efsplug import ports
 from efsplug.fsutil import atomic_write, ensure_dir
@@ -44,8 +44,12 @@ _LOG_CAP = 1024 * 1024  # every reload logs a few lines per section
 _MAX_IDENTITY = 64 * 1024
 _KEY = re.compile(r"[0-9a-f]{16}-[0-9]{1,6}")
 _LINK_NAME = re.compile(r"([0-9]{1,5})\.conf")
+_SERVICE_NAMED = re.compile(r"Service \[efs-([0-9]{1,5})\]")
+_MAX_SKIPPED = 16  # hosts place() passes over before it gives up
 _RELOAD_FAILED = "Failed to reload the configuration file"
-_ERROR_LINE = re.compile(r"LOG[0-3]\[ui\]")  # [ui]: configuration, not a connection
+# stunnel's configuration errors: "[!] ..." while it starts, "LOG3[ui]: ..." once it logs
+# ("[ui]": configuration, not one of its connections).
+_ERROR_LINE = re.compile(r"^\[!\] |LOG[0-3]\[ui\]: ")
 
 
 @dataclass(frozen=True)
@@ -74,20 +78,24 @@ class Host:
         return self.services / f"{int(port)}.conf"
 
 
-def host_for(state_dir: Path, netns: Optional[str], binary: str, capacity: int) -> Host:
+def host_for(state_dir: Path, netns: Optional[str], binary: str, capacity: int,
+             skip: AbstractSet[Host] = frozenset()) -> Host:
     """A host for one more tunnel of this network namespace (None: the host's own) run by
     binary: the first with fewer than capacity sections.
 
     Every reload re-reads every section (about 2.5 ms each), and a kill -9 takes all of a
     process's tunnels down at once, so a process serves a bounded number. Two mounts
     choosing at the same moment may both pick the last free place: one section too many
-    costs a little reload time, nothing else.
+    costs a little reload time, nothing else. Hosts in skip are passed over.
     """
     key = hashlib.sha256(json.dumps([netns, binary]).encode()).hexdigest()[:16]
     base = Path(state_dir) / HOSTS_DIR
     slot = 0
     while True:
         host = Host(base / f"{key}-{slot}")
+        if host in skip:
+            slot += 1
+            continue
         try:
             used = sum(1 for _ in host.services.iterdir())
         except FileNotFoundError:
@@ -116,6 +124,30 @@ def is_host_cmdline(cmdline: Sequence[str], state_dir_real: str) -> bool:
         and os.path.realpath(parent) == os.path.join(state_dir_real, HOSTS_DIR)
 
 
+class SectionRefused(TunnelError):
+    """stunnel refused sections: their ports, as its log names them (empty: it did not say)."""
+
+    def __init__(self, message: str, ports: AbstractSet[int]) -> None:
+        super().__init__(message)
+        self.ports = frozenset(ports)
+
+
+def place(state_dir: Path, netns: Optional[str], binary: str, capacity: int, port: int, section: Path, *,
+          ready_timeout: float = 10.0) -> Tuple[Host, TunnelIdentity]:
+    """Serve section (accepting on port) from a host with room: host_for's, or the next one
+    if that process cannot reload because stunnel now refuses another of its sections (say
+    its certificate file went): a broken neighbour never fails this mount."""
+    skip: Set[Host] = set()
+    while True:
+        host = host_for(state_dir, netns, binary, capacity, skip)
+        try:
+            return host, add(host, port, section, binary=binary, netns=netns, ready_timeout=ready_timeout)
+        except SectionRefused as exc:
+            if not exc.ports or port in exc.ports or len(skip) >= _MAX_SKIPPED:
+                raise
+            skip.add(host)
+
+
 def add(host: Host, port: int, section: Path, *, binary: str, netns: Optional[str],
         ready_timeout: float = 10.0) -> TunnelIdentity:
     """Serve section (a file stunnel.render_service wrote, accepting on port) from host.
@@ -125,15 +157,7 @@ def add(host: Host, port: int, section: Path, *, binary: str, netns: Optional[st
     """
     with _locked(host):
         _prepare(host)
-        _link(host.link(port), section)
-        try:
-            return _serve(host, port, binary=binary, netns=netns, timeout=ready_timeout)
-        except BaseException:
-            host.link(port).unlink(missing_ok=True)
-            running = _running(host)
-            if running is not None:
-                _hup(running)  # back to the sections that worked
-            raise
+        return _serve_section(host, port, section, binary=binary, netns=netns, timeout=ready_timeout)
 
 
 def remove(host: Host, port: Optional[int], stop_timeout: float = 5.0) -> None:
@@ -166,9 +190,7 @@ def ensure(host: Host, port: int, section: Path, *, binary: str, netns: Optional
         if running is not None and listening_on(running.pid, port):
             return running
         _prepare(host)
-        if not host.link(port).exists():
-            _link(host.link(port), section)
-        return _serve(host, port, binary=binary, netns=netns, timeout=timeout)
+        return _serve_section(host, port, section, binary=binary, netns=netns, timeout=timeout)
 
 
 @dataclass(frozen=True)
@@ -213,21 +235,54 @@ def running(host: Host) -> Optional[TunnelIdentity]:
     return _running(host)
 
 
+def _serve_section(host: Host, port: int, section: Path, *, binary: str, netns: Optional[str],
+                   timeout: float) -> TunnelIdentity:
+    """Link section in and have the host listen on port; on failure, unlink it again and
+    leave the process on the sections that worked."""
+    _link(host.link(port), section)
+    try:
+        return _serve(host, port, binary=binary, netns=netns, timeout=timeout)
+    except BaseException:
+        host.link(port).unlink(missing_ok=True)
+        running = _running(host)
+        if running is not None:
+            _hup(running)  # back to the sections that worked
+        raise
+
+
 def _serve(host: Host, port: int, *, binary: str, netns: Optional[str], timeout: float) -> TunnelIdentity:
     _cap_log(host)
     running = _running(host)
-    if running is None:
+    if running is not None:
+        log = StartLog(host.log, host.directory)
+        try:
+            _hup(running)
+            _wait_listening(running, port, timeout, log)
+        finally:
+            log.file.close()
+        return running
+    try:
+        return _launch(host, port, binary=binary, netns=netns, timeout=timeout)
+    except SectionRefused as exc:
+        others = exc.ports - {port}
+        if port in exc.ports or not others:
+            raise
+    # Sections of other tunnels that stunnel now refuses (their files went) would keep
+    # every tunnel of this process down: they are left out, and their own restarts fail alone.
+    for other in others:
+        host.link(other).unlink(missing_ok=True)
+    return _launch(host, port, binary=binary, netns=netns, timeout=timeout)
+
+
+def _launch(host: Host, port: int, *, binary: str, netns: Optional[str], timeout: float) -> TunnelIdentity:
+    start = _size(host.log)
+    try:
         identity = Tunnel.launch(host.config, port, stunnel_binary=binary, ready_timeout=timeout, netns=netns,
                                  log_path=host.log).identity
-        atomic_write(host.identity_file, json.dumps(_identity_dict(identity)).encode(), 0o600)
-        return identity
-    log = StartLog(host.log, host.directory)
-    try:
-        _hup(running)
-        _wait_listening(running, port, timeout, log)
-    finally:
-        log.file.close()
-    return running
+    except TunnelError as exc:
+        raise SectionRefused(str(exc), refused_ports(_read_from(host.log, start))) from None
+    atomic_write(host.identity_file, json.dumps(_identity_dict(identity)).encode(), 0o600)
+    return identity
 
 
 def _wait_listening(identity: TunnelIdentity, port: int, timeout: float, log: StartLog) -> None:
@@ -237,7 +292,8 @@ def _wait_listening(identity: TunnelIdentity, port: int, timeout: float, log: St
         said = log.tail()
         if not identity.running() or _RELOAD_FAILED in said:
             what = "exited while reloading" if not identity.running() else "refused the new section"
-            raise TunnelError(f"the shared stunnel (pid {identity.pid}) {what}: {reload_errors(said)}")
+            raise SectionRefused(f"the shared stunnel (pid {identity.pid}) {what}: {reload_errors(said)}",
+                                 refused_ports(said))
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TunnelError(f"the shared stunnel did not listen on 127.0.0.1:{port} within {timeout:g}s "
@@ -252,6 +308,28 @@ def reload_errors(text: str) -> str:
     found = [line.split("]: ", 1)[1].strip() for line in text.splitlines()
              if _ERROR_LINE.search(line) and "]: " in line and _RELOAD_FAILED not in line]
     return "; ".join(found) if found else "no output"
+
+
+def refused_ports(text: str) -> Set[int]:
+    """The ports of the sections stunnel's configuration errors name (pure)."""
+    return {int(m.group(1)) for line in text.splitlines() if _ERROR_LINE.search(line)
+            for m in _SERVICE_NAMED.finditer(line)}
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _read_from(path: Path, offset: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(min(offset, _size(path)))
+            return f.read(_LOG_CAP).decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _hup(identity: TunnelIdentity) -> None:

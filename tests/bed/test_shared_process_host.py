@@ -178,3 +178,57 @@ def test_the_orphan_sweep_removes_a_section_no_record_or_mount_owns(tmp_path, ca
     assert sorted(s.port for s in tunnelhost.sections(host, time.time())) == [owned, used]
     wait_until(lambda: not listening_on(identity.pid, orphan), 5, "the orphan section no longer served")
     assert listening_on(identity.pid, owned) and listening_on(identity.pid, used) and identity.running()
+
+
+def test_a_restart_leaves_out_another_tunnels_section_stunnel_now_refuses(tmp_path, ca, servers, host) -> None:
+    """kill -9, and meanwhile one tunnel's CA file went: the others come back without it."""
+    server = EchoServer(listen_socket(), server_context(ca, tmp_path))
+    servers.append(server)
+    good, bad = ports(2, tmp_path)
+    own_ca = tmp_path / "own-ca.pem"
+    own_ca.write_bytes(ca.cert_path.read_bytes())
+    old = tunnelhost.add(host, good, section(tmp_path, good, server, ca), binary=STUNNEL, netns=None)
+    bad_section = section(tmp_path, bad, server, ca, cafile=str(own_ca))
+    tunnelhost.add(host, bad, bad_section, binary=STUNNEL, netns=None)
+    own_ca.unlink()
+    os.kill(old.pid, signal.SIGKILL)
+    wait_until(lambda: not old.running(), 5, "killed")
+
+    with pytest.raises(tunnelhost.SectionRefused, match=f"efs-{bad}") as refused:
+        tunnelhost.ensure(host, bad, bad_section, binary=STUNNEL, netns=None)  # its own restart fails alone
+    assert bad in refused.value.ports and tunnelhost.running(host) is None and not host.link(bad).exists()
+    new = tunnelhost.ensure(host, good, host.link(good).resolve(), binary=STUNNEL, netns=None)
+    assert listening_on(new.pid, good) and not host.link(bad).exists()
+    payload = secrets.token_bytes(4096)
+    assert echo(good, payload) == payload
+    with pytest.raises(tunnelhost.SectionRefused):  # and again later: still alone, the others untouched
+        tunnelhost.ensure(host, bad, bad_section, binary=STUNNEL, netns=None)
+    assert tunnelhost.running(host) == new and listening_on(new.pid, good) and not host.link(bad).exists()
+
+
+def test_a_new_tunnel_goes_to_another_process_when_a_neighbours_section_breaks_reloads(tmp_path, ca, servers) -> None:
+    server = EchoServer(listen_socket(), server_context(ca, tmp_path))
+    servers.append(server)
+    state_dir = tmp_path / "state"
+    first, broken, new = ports(3, tmp_path)
+    own_ca = tmp_path / "own-ca.pem"
+    own_ca.write_bytes(ca.cert_path.read_bytes())
+    started = []
+    try:
+        host_a, id_a = tunnelhost.place(state_dir, None, STUNNEL, 8, first, section(tmp_path, first, server, ca))
+        started.append(id_a)
+        host_b, _ = tunnelhost.place(state_dir, None, STUNNEL, 8, broken,
+                                     section(tmp_path, broken, server, ca, cafile=str(own_ca)))
+        assert host_b == host_a
+        own_ca.unlink()  # host_a can no longer reload: stunnel refuses `broken`'s section
+        host_c, id_c = tunnelhost.place(state_dir, None, STUNNEL, 8, new, section(tmp_path, new, server, ca))
+        started.append(id_c)
+        assert host_c != host_a and id_c != id_a
+        payload = secrets.token_bytes(4096)
+        assert echo(new, payload) == payload and echo(first, payload) == payload  # the neighbours keep serving
+        assert listening_on(id_a.pid, broken)
+    finally:
+        for identity in started:
+            if identity.running():
+                os.kill(identity.pid, signal.SIGKILL)
+

@@ -124,3 +124,9 @@ def test_the_config_keys(tmp_path: Path) -> None:
         path.write_text(f"[efsplug]\n{text}\n")
         with pytest.raises(ConfigError, match=f"\\[efsplug\\] {text.split()[0]} = .* is invalid; {fix}"):
             cfg.load_config(path, {})
+
+
+def test_refused_ports_are_read_from_both_of_stunnels_error_forms() -> None:
+    starting = "[ ] Initializing service [efs-1]\n[!] No trusted certificates found\n[!] Service [efs-20051]: Failed to initialize TLS context\n"
+    reloading = "2026.12.01 LOG3[ui]: Service [efs-20052]: Failed to initialize TLS context\n2026.12.01 LOG5[3]: Service [efs-20053] accepted connection\n"
+    assert tunnelhost.refused_ports(starting + reloading) == {20051, 20052}

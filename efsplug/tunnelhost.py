@@ -109,13 +109,14 @@ def host_of_config(state_dir: Path, host_config: str) -> Optional[Host]:
     """The host whose config a record names, if that lies where efsplug puts hosts."""
     path = Path(host_config)
     base = Path(os.path.realpath(state_dir)) / HOSTS_DIR
-    if path.name != "host.conf" or os.path.realpath(path.parent.parent) != str(base):
+    if path.name != "host.conf" or not _KEY.fullmatch(path.parent.name) \
+            or os.path.realpath(path.parent.parent) != str(base):
         return None
     return Host(path.parent)
 
 
 def is_host_cmdline(cmdline: Sequence[str], state_dir_real: str) -> bool:
-    """cmdline is `stunnel <state_dir>/hosts/<key>/host.conf`."""
+    """cmdline is `stunnel <state_dir>/hosts/<key>-<n>/host.conf`."""
     if len(cmdline) != 2:
         return False
     directory, name = os.path.split(cmdline[1])

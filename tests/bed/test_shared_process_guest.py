@@ -18,7 +18,8 @@ from efsbed.bed import Bed
 from efsbed.procs import wait_until
 from test_sharing_guest import by_mountpoint, listening_ports, write_read
 from test_supervisor_guest import (  # noqa: F401 - fixtures
-    EFSPLUG, POLL, _restart_gap, configure, mount, mounted, record_of, records, supervisors, tunnel_pids, umount,
+    EFSPLUG, POLL, STATE, _cert, _restart_gap, configure, mount, mounted, record_of, records, supervisors, tunnel_pids,
+    umount,
 )
 
 pytestmark = pytest.mark.guest
@@ -108,3 +109,73 @@ def test_the_shared_process_killed_under_io_on_every_mount(configure, supervisor
         for target in targets:
             target.unlink(missing_ok=True)
     wait_until(lambda: not records(bed) and not tunnel_pids(bed), 20, "all reaped")
+
+
+def test_renewals_reload_the_shared_process_under_io_on_its_other_tunnel(configure, supervisors, clean_guest: Bed) -> None:
+    bed = clean_guest
+    configure(SHARED, tls_cert_renewal_interval_sec=4)
+    sup = supervisors()
+    ap = bed.access_points[0]
+    mount(bed, A, "tls,iam")
+    mount(bed, B, f"tls,accesspoint={ap.id}")
+    try:
+        rec, neighbour = record_of(bed, A), record_of(bed, B)
+        pid = rec["tunnel"]["pid"]
+        assert neighbour["tunnel"]["pid"] == pid
+        job = bed.guest.spawn(["sh", "-c", f"i=0; while [ $i -lt 400 ]; do echo $i >> {B}/steady || exit 1; "
+                                           f"i=$((i+1)); sleep 0.05; done"], log="/tmp/proc-steady.log")
+        serials = set()
+        for i in range(2):
+            before = _cert(bed, rec).serial_number
+            wait_until(lambda: _cert(bed, rec).serial_number != before, 30, f"renewal {i + 1}")
+            serials.add(_cert(bed, rec).serial_number)
+            write_read(bed, A, A, f"renewed-{i}")
+        wait_until(lambda: not bed.guest.kill(job, 0), 120, "the neighbour's writes finished", 0.5)
+        lines = (ap.export_dir / "steady").read_text().split()
+        assert lines == [str(i) for i in range(400)]  # every write through the other tunnel, in order
+        assert len(serials) == 2 and "tunnel reloaded" in sup.log()
+        assert {record_of(bed, p)["tunnel"]["pid"] for p in (A, B)} == {pid}  # reloaded, never restarted
+    finally:
+        for point in (B, A):
+            if mounted(bed, point):
+                umount(bed, point)
+        (ap.export_dir / "steady").unlink(missing_ok=True)
+        for i in range(2):
+            (bed.export_dir / f"renewed-{i}").unlink(missing_ok=True)
+        bed.run(["rm", "-f", "/tmp/proc-steady.log"])
+
+
+def test_mount_cycles_next_to_a_live_tunnel_leak_nothing_and_never_disturb_it(configure, supervisors,
+                                                                              clean_guest: Bed) -> None:
+    bed = clean_guest
+    configure(SHARED, unmount_grace_period_sec=0)
+    supervisors()
+    ap = bed.access_points[0]
+    mount(bed, B, f"tls,accesspoint={ap.id}")  # the neighbour: its section stays through every reload
+    try:
+        pid = record_of(bed, B)["tunnel"]["pid"]
+        job = bed.guest.spawn(["sh", "-c", f"i=0; while [ $i -lt 300 ]; do echo $i >> {B}/cycles || exit 1; "
+                                           f"i=$((i+1)); sleep 0.05; done"], log="/tmp/proc-cycles.log")
+        bed.run(["mkdir", "-p", A])
+        loop = (f"for i in $(seq 30); do mount -t efs {bed.fs_id} {A} -o tls || exit 1; "
+                f"echo $i > {A}/cycle || exit 3; umount {A} || exit 2; done")
+        res = bed.run(["sh", "-c", loop], timeout=900)
+        assert res.rc == 0, res.stderr
+        wait_until(lambda: not bed.guest.kill(job, 0), 120, "the neighbour's writes finished", 0.5)
+        assert (ap.export_dir / "cycles").read_text().split() == [str(i) for i in range(300)]
+        assert (bed.export_dir / "cycle").read_text().strip() == "30"
+        wait_until(lambda: [r["mountpoint"] for r in records(bed)] == [B], 30, "every cycle's record reaped")
+        assert tunnel_pids(bed) == [str(pid)] and listening_ports(bed) == [record_of(bed, B)["port"]]
+    finally:
+        if mounted(bed, A):
+            umount(bed, A)
+        umount(bed, B)
+        (ap.export_dir / "cycles").unlink(missing_ok=True)
+        (bed.export_dir / "cycle").unlink(missing_ok=True)
+        bed.run(["rm", "-f", "/tmp/proc-cycles.log"])
+    wait_until(lambda: not tunnel_pids(bed) and not records(bed), 30, "everything reaped")
+    left = bed.run(["sh", "-c", f"find {STATE} -mindepth 1 -not -path '*/ports/*' | sort"]).stdout.split()
+    hosts = [p for p in left if p.startswith(f"{STATE}/hosts")]
+    assert set(left) - set(hosts) <= {f"{STATE}/privateKey.pem", f"{STATE}/supervisor.lock", f"{STATE}/ports"}, left
+    # Each shared process's directory stays for the next one: no section, no process recorded.
+    assert not [p for p in hosts if "/services/" in p or p.endswith("host.json")], hosts

@@ -81,6 +81,8 @@ def test_host_cmdline_is_recognised_by_its_place_only(tmp_path: Path) -> None:
     assert not tunnelhost.is_host_cmdline(["stunnel", f"{real}/other/0123456789abcdef-0/host.conf"], real)
     assert tunnelhost.host_of_config(tmp_path, conf) == tunnelhost.Host(Path(conf).parent)
     assert tunnelhost.host_of_config(tmp_path, "/etc/stunnel/host.conf") is None
+    assert tunnelhost.host_of_config(tmp_path, f"{real}/hosts/../host.conf") is None
+    assert tunnelhost.host_of_config(tmp_path, f"{real}/hosts/x/host.conf") is None
 
 
 def test_a_malformed_identity_file_means_no_process(tmp_path: Path) -> None:

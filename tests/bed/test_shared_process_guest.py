@@ -9,14 +9,14 @@ arrives intact.
 
 from __future__ import annotations
 
-import hashlib
 import time
+from pathlib import Path
 
 import pytest
 
 from efsbed.bed import Bed
 from efsbed.procs import wait_until
-from test_sharing_guest import by_mountpoint, listening_ports, write_read
+from test_sharing_guest import by_mountpoint, copies_intact, listening_ports, write_read
 from test_supervisor_guest import (  # noqa: F401 - fixtures
     EFSPLUG, POLL, STATE, _cert, _restart_gap, configure, mount, mounted, record_of, records, supervisors, tunnel_pids,
     umount,
@@ -26,6 +26,17 @@ pytestmark = pytest.mark.guest
 
 SHARED = "[efsplug]\ntunnel_process = shared\n"
 A, B, C = "/mnt/proc-a", "/mnt/proc-b", "/mnt/proc-c"
+
+
+def steady_writes(bed: Bed, path: str, count: int) -> int:
+    """A guest job appending 0..count-1 to path, one line every 50 ms: I/O across reloads."""
+    return bed.guest.spawn(["sh", "-c", f"i=0; while [ $i -lt {count} ]; do echo $i >> {path} || exit 1; "
+                                        f"i=$((i+1)); sleep 0.05; done"], log="/tmp/proc-writes.log")
+
+
+def wrote_in_order(bed: Bed, job: int, exported: Path, count: int) -> None:
+    wait_until(lambda: not bed.guest.kill(job, 0), 120, "the steady writes finished", 0.5)
+    assert exported.read_text().split() == [str(i) for i in range(count)]
 
 
 def test_tunnels_of_different_access_points_are_sections_of_one_process(configure, supervisors, clean_guest: Bed) -> None:
@@ -94,11 +105,7 @@ def test_the_shared_process_killed_under_io_on_every_mount(configure, supervisor
         after = {point: record_of(bed, point) for point in points}
         assert len({r["tunnel"]["pid"] for r in after.values()}) == 1 and len(tunnel_pids(bed)) == 1
         assert {p: r["port"] for p, r in after.items()} == {p: r["port"] for p, r in before.items()}
-        for job in jobs:
-            wait_until(lambda: not bed.guest.kill(job, 0), 300, "dd finished", 0.5)
-        for i, target in enumerate(targets):
-            assert "24+0 records out" in bed.run(["cat", f"/tmp/proc-dd-{i}.log"]).stdout
-            assert hashlib.sha256(target.read_bytes()).hexdigest() == want
+        copies_intact(bed, jobs, targets, "/tmp/proc-dd", 24, want)
         gap = _restart_gap(sup.log())
         assert gap <= 2 * POLL, f"back {gap:.3f}s after the process exited (log), {seen_after:.1f}s seen from the host"
     finally:
@@ -122,17 +129,14 @@ def test_renewals_reload_the_shared_process_under_io_on_its_other_tunnel(configu
         rec, neighbour = record_of(bed, A), record_of(bed, B)
         pid = rec["tunnel"]["pid"]
         assert neighbour["tunnel"]["pid"] == pid
-        job = bed.guest.spawn(["sh", "-c", f"i=0; while [ $i -lt 400 ]; do echo $i >> {B}/steady || exit 1; "
-                                           f"i=$((i+1)); sleep 0.05; done"], log="/tmp/proc-steady.log")
+        job = steady_writes(bed, f"{B}/steady", 400)
         serials = set()
         for i in range(2):
             before = _cert(bed, rec).serial_number
             wait_until(lambda: _cert(bed, rec).serial_number != before, 30, f"renewal {i + 1}")
             serials.add(_cert(bed, rec).serial_number)
             write_read(bed, A, A, f"renewed-{i}")
-        wait_until(lambda: not bed.guest.kill(job, 0), 120, "the neighbour's writes finished", 0.5)
-        lines = (ap.export_dir / "steady").read_text().split()
-        assert lines == [str(i) for i in range(400)]  # every write through the other tunnel, in order
+        wrote_in_order(bed, job, ap.export_dir / "steady", 400)  # every write through the other tunnel
         assert len(serials) == 2 and "tunnel reloaded" in sup.log()
         assert {record_of(bed, p)["tunnel"]["pid"] for p in (A, B)} == {pid}  # reloaded, never restarted
     finally:
@@ -142,7 +146,7 @@ def test_renewals_reload_the_shared_process_under_io_on_its_other_tunnel(configu
         (ap.export_dir / "steady").unlink(missing_ok=True)
         for i in range(2):
             (bed.export_dir / f"renewed-{i}").unlink(missing_ok=True)
-        bed.run(["rm", "-f", "/tmp/proc-steady.log"])
+        bed.run(["rm", "-f", "/tmp/proc-writes.log"])
 
 
 def test_mount_cycles_next_to_a_live_tunnel_leak_nothing_and_never_disturb_it(configure, supervisors,
@@ -154,15 +158,13 @@ def test_mount_cycles_next_to_a_live_tunnel_leak_nothing_and_never_disturb_it(co
     mount(bed, B, f"tls,accesspoint={ap.id}")  # the neighbour: its section stays through every reload
     try:
         pid = record_of(bed, B)["tunnel"]["pid"]
-        job = bed.guest.spawn(["sh", "-c", f"i=0; while [ $i -lt 300 ]; do echo $i >> {B}/cycles || exit 1; "
-                                           f"i=$((i+1)); sleep 0.05; done"], log="/tmp/proc-cycles.log")
+        job = steady_writes(bed, f"{B}/cycles", 300)
         bed.run(["mkdir", "-p", A])
         loop = (f"for i in $(seq 30); do mount -t efs {bed.fs_id} {A} -o tls || exit 1; "
                 f"echo $i > {A}/cycle || exit 3; umount {A} || exit 2; done")
         res = bed.run(["sh", "-c", loop], timeout=900)
         assert res.rc == 0, res.stderr
-        wait_until(lambda: not bed.guest.kill(job, 0), 120, "the neighbour's writes finished", 0.5)
-        assert (ap.export_dir / "cycles").read_text().split() == [str(i) for i in range(300)]
+        wrote_in_order(bed, job, ap.export_dir / "cycles", 300)
         assert (bed.export_dir / "cycle").read_text().strip() == "30"
         wait_until(lambda: [r["mountpoint"] for r in records(bed)] == [B], 30, "every cycle's record reaped")
         assert tunnel_pids(bed) == [str(pid)] and listening_ports(bed) == [record_of(bed, B)["port"]]
@@ -172,7 +174,7 @@ def test_mount_cycles_next_to_a_live_tunnel_leak_nothing_and_never_disturb_it(co
         umount(bed, B)
         (ap.export_dir / "cycles").unlink(missing_ok=True)
         (bed.export_dir / "cycle").unlink(missing_ok=True)
-        bed.run(["rm", "-f", "/tmp/proc-cycles.log"])
+        bed.run(["rm", "-f", "/tmp/proc-writes.log"])
     wait_until(lambda: not tunnel_pids(bed) and not records(bed), 30, "everything reaped")
     left = bed.run(["sh", "-c", f"find {STATE} -mindepth 1 -not -path '*/ports/*' | sort"]).stdout.split()
     hosts = [p for p in left if p.startswith(f"{STATE}/hosts")]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from pathlib import Path
 from typing import List
 
 import pytest
@@ -40,6 +41,15 @@ def write_read(bed: Bed, writer: str, reader: str, name: str) -> str:
     sums = [line.split()[0] for line in res.stdout.splitlines()]
     assert len(sums) == 2 and sums[0] == sums[1], res.stdout
     return sums[0]
+
+
+def copies_intact(bed: Bed, jobs: List[int], targets: List[Path], logs: str, megabytes: int, want: str) -> None:
+    """Each dd (logging to <logs>-<i>.log) finished whole, and each copy's checksum is want."""
+    for job in jobs:
+        wait_until(lambda: not bed.guest.kill(job, 0), 300, "dd finished", 0.5)
+    for i, target in enumerate(targets):
+        assert f"{megabytes}+0 records out" in bed.run(["cat", f"{logs}-{i}.log"]).stdout
+        assert hashlib.sha256(target.read_bytes()).hexdigest() == want
 
 
 def by_mountpoint(bed: Bed) -> dict:
@@ -151,11 +161,7 @@ def test_shared_tunnel_killed_under_io_on_both_mounts(configure, supervisors, cl
         seen_after = time.monotonic() - killed
         assert record_of(bed, A)["tunnel"] == record_of(bed, B)["tunnel"]  # still one process for both
         assert len(tunnel_pids(bed)) == 1 and listening_ports(bed) == [shared["port"]]
-        for job in jobs:
-            wait_until(lambda: not bed.guest.kill(job, 0), 300, "dd finished", 0.5)
-        for i, target in enumerate(targets):
-            assert "40+0 records out" in bed.run(["cat", f"/tmp/share-dd-{i}.log"]).stdout
-            assert hashlib.sha256(target.read_bytes()).hexdigest() == want
+        copies_intact(bed, jobs, targets, "/tmp/share-dd", 40, want)
         gap = _restart_gap(sup.log())
         assert gap <= 2 * POLL, f"tunnel back {gap:.3f}s after it exited (log), {seen_after:.1f}s seen from the host"
     finally:

@@ -180,7 +180,7 @@ def test_bad_records_are_quarantined_once_and_the_others_stay_supervised(
     for name, raw in BAD_RECORDS.items():
         (state_dir / name).write_bytes(raw)
     newer = state_dir / "fs-01234567.mnt-newer.json"
-    newer.write_text(json.dumps({"version": 2, "fs_id": "fs-01234567", "mountpoint": "/mnt/newer"}))
+    newer.write_text(json.dumps({"version": state.RECORD_VERSION + 1, "fs_id": "fs-01234567", "mountpoint": "/mnt/newer"}))
     os.mkfifo(state_dir / "fs-01234567.mnt-fifo.json")
     sup = supervisors(config_for(state_dir), mount_reader=table, orphan_min_age=0, orphan_interval=0.2)
     wait_until(sup.supervising.is_set, 10, "supervising")

@@ -129,14 +129,15 @@ def test_renewals_reload_the_shared_process_under_io_on_its_other_tunnel(configu
         rec, neighbour = record_of(bed, A), record_of(bed, B)
         pid = rec["tunnel"]["pid"]
         assert neighbour["tunnel"]["pid"] == pid
-        job = steady_writes(bed, f"{B}/steady", 400)
+        job = steady_writes(bed, f"{B}/steady", 200)
         serials = set()
         for i in range(2):
             before = _cert(bed, rec).serial_number
             wait_until(lambda: _cert(bed, rec).serial_number != before, 30, f"renewal {i + 1}")
             serials.add(_cert(bed, rec).serial_number)
             write_read(bed, A, A, f"renewed-{i}")
-        wrote_in_order(bed, job, ap.export_dir / "steady", 400)  # every write through the other tunnel
+        assert bed.guest.kill(job, 0), "the writes ended before the renewals: they proved nothing"
+        wrote_in_order(bed, job, ap.export_dir / "steady", 200)  # every write through the other tunnel
         assert len(serials) == 2 and "tunnel reloaded" in sup.log()
         assert {record_of(bed, p)["tunnel"]["pid"] for p in (A, B)} == {pid}  # reloaded, never restarted
     finally:
@@ -160,12 +161,12 @@ def test_mount_cycles_next_to_a_live_tunnel_leak_nothing_and_never_disturb_it(co
         pid = record_of(bed, B)["tunnel"]["pid"]
         job = steady_writes(bed, f"{B}/cycles", 300)
         bed.run(["mkdir", "-p", A])
-        loop = (f"for i in $(seq 30); do mount -t efs {bed.fs_id} {A} -o tls || exit 1; "
+        loop = (f"for i in $(seq 15); do mount -t efs {bed.fs_id} {A} -o tls || exit 1; "
                 f"echo $i > {A}/cycle || exit 3; umount {A} || exit 2; done")
         res = bed.run(["sh", "-c", loop], timeout=900)
         assert res.rc == 0, res.stderr
         wrote_in_order(bed, job, ap.export_dir / "cycles", 300)
-        assert (bed.export_dir / "cycle").read_text().strip() == "30"
+        assert (bed.export_dir / "cycle").read_text().strip() == "15"
         wait_until(lambda: [r["mountpoint"] for r in records(bed)] == [B], 30, "every cycle's record reaped")
         assert tunnel_pids(bed) == [str(pid)] and listening_ports(bed) == [record_of(bed, B)["port"]]
     finally:

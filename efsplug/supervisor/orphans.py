@@ -206,8 +206,12 @@ class Sweeper:
         next_due = now + self.interval
         found = [(host, tunnelhost.sections(host, now)) for host in tunnelhost.hosts(self.state_dir)]
         for host, listed in found:
-            if not listed and tunnelhost.running(host) is not None:
-                tunnelhost.remove(host, None)  # serving nothing: stopped, as its last remove would have
+            idle = tunnelhost.running(host) if not listed else None
+            if idle is not None:
+                try:
+                    tunnelhost.remove(host, None)  # serving nothing: stopped, as its last remove would have
+                except (TunnelError, OSError) as exc:
+                    log.error("cannot stop idle shared tunnel process pid %d: %s", idle.pid, exc)
         if not any(listed for _, listed in found):
             return next_due
         records = state.load_all(self.state_dir)[0]

@@ -19,6 +19,7 @@ import json
 import os
 import socket
 import time
+
 TYPE_CHECKING = False  # typing is not imported at run time: mount.efs pays for every import
 if TYPE_CHECKING:
     from typing import Dict, List, Mapping, Optional

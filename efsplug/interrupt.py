@@ -9,11 +9,12 @@ happened. While armed, these signals raise Interrupted instead, so every undo st
 from __future__ import annotations
 
 import signal
+
+from efsplug.errors import MountFailure
+
 TYPE_CHECKING = False  # typing is not imported at run time: mount.efs pays for every import
 if TYPE_CHECKING:
     from typing import Any
-
-from efsplug.errors import MountFailure
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _armed = False

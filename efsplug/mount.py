@@ -211,7 +211,8 @@ def _prepared(
     return Prepared(
         record,
         NfsMount(source, str(request.mountpoint), options, netns=request.netns, flags=flags,
-                 access_point=request.accesspoint, tunnel_log=tunnel_log, tunnel_service=tunnel_service, target=target, identity=identity),
+                 access_point=request.accesspoint, tunnel_log=tunnel_log, tunnel_service=tunnel_service,
+                 target=target, identity=identity),
         attempts=attempts,
         attempt_timeout=float(mount_config.retry_nfs_mount_command_timeout_sec),
         verbose=request.verbose,

@@ -22,13 +22,13 @@ import sys
 import time
 from collections import namedtuple
 
-TYPE_CHECKING = False  # typing is not imported at run time: mount.efs pays for every import
-if TYPE_CHECKING:
-    from typing import List, Optional, Sequence
-
 from efsplug.errors import MountFailure
 from efsplug.interrupt import Interrupted
 from efsplug.netns import opened, preexec_entering
+
+TYPE_CHECKING = False  # typing is not imported at run time: mount.efs pays for every import
+if TYPE_CHECKING:
+    from typing import List, Optional, Sequence
 
 MOUNT_NFS4 = "/sbin/mount.nfs4"  # mount(8) may run helpers with a minimal PATH
 # Connections the server closed right after our first bytes, with no answer and no

@@ -116,8 +116,8 @@ def listening_on(pid: int, port: int) -> bool:
 
     Asked of the kernel over sock_diag when pid is in our network namespace (efsplug.sockdiag:
     far cheaper), else read from /proc/<pid>/net/tcp, which shows the sockets of *that
-    process's* namespace (no per-thread setns dance to ask there). Matching the socket inode against the
-    process's own descriptors means a different program that happens to hold the port
+    process's* namespace (no per-thread setns dance to ask there). Matching the socket
+    inode against the process's own descriptors means a different program that happens to hold the port
     is not mistaken for our tunnel. It also sends nothing through the tunnel, so the
     mount target sees no half-opened probe connections.
     """

@@ -28,15 +28,27 @@ SHARED = "[efsplug]\ntunnel_process = shared\n"
 A, B, C = "/mnt/proc-a", "/mnt/proc-b", "/mnt/proc-c"
 
 
-def steady_writes(bed: Bed, path: str, count: int) -> int:
-    """A guest job appending 0..count-1 to path, one line every 50 ms: I/O across reloads."""
-    return bed.guest.spawn(["sh", "-c", f"i=0; while [ $i -lt {count} ]; do echo $i >> {path} || exit 1; "
-                                        f"i=$((i+1)); sleep 0.05; done"], log="/tmp/proc-writes.log")
+STOP = "/tmp/proc-writes.stop"
 
 
-def wrote_in_order(bed: Bed, job: int, exported: Path, count: int) -> None:
-    wait_until(lambda: not bed.guest.kill(job, 0), 120, "the steady writes finished", 0.5)
-    assert exported.read_text().split() == [str(i) for i in range(count)]
+def steady_writes(bed: Bed, path: str) -> int:
+    """A guest job appending 0, 1, 2, … to path, a line every 20 ms, until wrote_in_order
+    stops it: I/O that spans whatever the test does meanwhile (reloads)."""
+    bed.run(["rm", "-f", STOP])
+    return bed.guest.spawn(["sh", "-c", f"i=0; while [ ! -e {STOP} ]; do echo $i >> {path} || exit 1; "
+                                        f"i=$((i+1)); sleep 0.02; done"], log="/tmp/proc-writes.log")
+
+
+def wrote_in_order(bed: Bed, job: int, exported: Path) -> int:
+    """Stop the writes: they must have run all along (the job still there), and every line
+    arrived, in order. Returns how many."""
+    assert bed.guest.kill(job, 0), "the writes stopped early: " + bed.run(["cat", "/tmp/proc-writes.log"]).stdout
+    bed.run(["touch", STOP])
+    wait_until(lambda: not bed.guest.kill(job, 0), 60, "the steady writes stopped", 0.1)
+    lines = exported.read_text().split()
+    assert lines == [str(i) for i in range(len(lines))] and len(lines) >= 20, lines[-5:]
+    bed.run(["rm", "-f", STOP, "/tmp/proc-writes.log"])
+    return len(lines)
 
 
 def test_tunnels_of_different_access_points_are_sections_of_one_process(configure, supervisors, clean_guest: Bed) -> None:
@@ -123,31 +135,33 @@ def test_renewals_reload_the_shared_process_under_io_on_its_other_tunnel(configu
     configure(SHARED, tls_cert_renewal_interval_sec=4)
     sup = supervisors()
     ap = bed.access_points[0]
+    job = None
     mount(bed, A, "tls,iam")
     mount(bed, B, f"tls,accesspoint={ap.id}")
     try:
         rec, neighbour = record_of(bed, A), record_of(bed, B)
         pid = rec["tunnel"]["pid"]
         assert neighbour["tunnel"]["pid"] == pid
-        job = steady_writes(bed, f"{B}/steady", 200)
+        job = steady_writes(bed, f"{B}/steady")
         serials = set()
         for i in range(2):
             before = _cert(bed, rec).serial_number
             wait_until(lambda: _cert(bed, rec).serial_number != before, 30, f"renewal {i + 1}")
             serials.add(_cert(bed, rec).serial_number)
             write_read(bed, A, A, f"renewed-{i}")
-        assert bed.guest.kill(job, 0), "the writes ended before the renewals: they proved nothing"
-        wrote_in_order(bed, job, ap.export_dir / "steady", 200)  # every write through the other tunnel
+        wrote_in_order(bed, job, ap.export_dir / "steady")  # every write through the other tunnel
         assert len(serials) == 2 and "tunnel reloaded" in sup.log()
         assert {record_of(bed, p)["tunnel"]["pid"] for p in (A, B)} == {pid}  # reloaded, never restarted
     finally:
+        if job is not None:
+            bed.guest.kill(job)  # a failed test's writer stops too (a no-op once it stopped)
+        bed.run(["rm", "-f", STOP, "/tmp/proc-writes.log"])
         for point in (B, A):
             if mounted(bed, point):
                 umount(bed, point)
         (ap.export_dir / "steady").unlink(missing_ok=True)
         for i in range(2):
             (bed.export_dir / f"renewed-{i}").unlink(missing_ok=True)
-        bed.run(["rm", "-f", "/tmp/proc-writes.log"])
 
 
 def test_mount_cycles_next_to_a_live_tunnel_leak_nothing_and_never_disturb_it(configure, supervisors,
@@ -156,26 +170,29 @@ def test_mount_cycles_next_to_a_live_tunnel_leak_nothing_and_never_disturb_it(co
     configure(SHARED, unmount_grace_period_sec=0)
     supervisors()
     ap = bed.access_points[0]
+    job = None
     mount(bed, B, f"tls,accesspoint={ap.id}")  # the neighbour: its section stays through every reload
     try:
         pid = record_of(bed, B)["tunnel"]["pid"]
-        job = steady_writes(bed, f"{B}/cycles", 300)
+        job = steady_writes(bed, f"{B}/cycles")
         bed.run(["mkdir", "-p", A])
         loop = (f"for i in $(seq 15); do mount -t efs {bed.fs_id} {A} -o tls || exit 1; "
                 f"echo $i > {A}/cycle || exit 3; umount {A} || exit 2; done")
         res = bed.run(["sh", "-c", loop], timeout=900)
         assert res.rc == 0, res.stderr
-        wrote_in_order(bed, job, ap.export_dir / "cycles", 300)
+        wrote_in_order(bed, job, ap.export_dir / "cycles")
         assert (bed.export_dir / "cycle").read_text().strip() == "15"
         wait_until(lambda: [r["mountpoint"] for r in records(bed)] == [B], 30, "every cycle's record reaped")
         assert tunnel_pids(bed) == [str(pid)] and listening_ports(bed) == [record_of(bed, B)["port"]]
     finally:
+        if job is not None:
+            bed.guest.kill(job)  # a failed test's writer stops too (a no-op once it stopped)
+        bed.run(["rm", "-f", STOP, "/tmp/proc-writes.log"])
         if mounted(bed, A):
             umount(bed, A)
         umount(bed, B)
         (ap.export_dir / "cycles").unlink(missing_ok=True)
         (bed.export_dir / "cycle").unlink(missing_ok=True)
-        bed.run(["rm", "-f", "/tmp/proc-writes.log"])
     wait_until(lambda: not tunnel_pids(bed) and not records(bed), 30, "everything reaped")
     left = bed.run(["sh", "-c", f"find {STATE} -mindepth 1 -not -path '*/ports/*' | sort"]).stdout.split()
     hosts = [p for p in left if p.startswith(f"{STATE}/hosts")]

@@ -291,8 +291,13 @@ def to_dict(record: MountRecord) -> Dict[str, Any]:
         value = getattr(record, name)
         data[name] = None if value is None else value.isoformat()
     if record.tunnel is not None:
-        data["tunnel"]["cmdline"] = list(record.tunnel.cmdline)
+        data["tunnel"] = identity_dict(record.tunnel)
     return data
+
+
+def identity_dict(identity: TunnelIdentity) -> Dict[str, Any]:
+    """A TunnelIdentity as JSON takes it (parse_identity reads it back)."""
+    return {"pid": identity.pid, "create_time": identity.create_time, "cmdline": list(identity.cmdline)}
 
 
 def from_dict(data: object) -> MountRecord:
@@ -315,7 +320,7 @@ def from_dict(data: object) -> MountRecord:
             raise StateError(f"field {name!r} is missing")
     for name in _DATETIME_FIELDS:
         values[name] = _parse_datetime(name, values.get(name))
-    values["tunnel"] = _parse_identity(values.get("tunnel"))
+    values["tunnel"] = parse_identity(values.get("tunnel"))
     record = MountRecord(**values)
     _validate(record)
     return record
@@ -335,7 +340,8 @@ def _parse_datetime(name: str, value: object) -> Optional[datetime]:
     return parsed
 
 
-def _parse_identity(value: object) -> Optional[TunnelIdentity]:
+def parse_identity(value: object) -> Optional[TunnelIdentity]:
+    """A TunnelIdentity from JSON, every field checked; StateError if malformed."""
     if value is None:
         return None
     if not isinstance(value, dict):

@@ -29,11 +29,11 @@ import json
 import os
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import AbstractSet, List, Optional, Sequence, Set, Tuple
 
-from efsplug import ports
+from efsplug import ports, state
 from efsplug.fsutil import atomic_write, ensure_dir
 from efsplug.stunnel import render_host
 from efsplug.tunnel import Tunnel, TunnelError, TunnelIdentity, StartLog, listening_on
@@ -285,7 +285,7 @@ def _launch(host: Host, port: int, *, binary: str, netns: Optional[str], timeout
                                  log_path=host.log).identity
     except TunnelError as exc:
         raise SectionRefused(str(exc), refused_ports(_read_from(host.log, start))) from None
-    atomic_write(host.identity_file, json.dumps(_identity_dict(identity)).encode(), 0o600)
+    atomic_write(host.identity_file, json.dumps(state.identity_dict(identity)).encode(), 0o600)
     return identity
 
 
@@ -401,16 +401,10 @@ def _cap_log(host: Host) -> None:
 def _running(host: Host) -> Optional[TunnelIdentity]:
     try:
         with open(host.identity_file, "rb") as f:
-            data = json.loads(f.read(_MAX_IDENTITY))
-        identity = TunnelIdentity(pid=int(data["pid"]), create_time=float(data["create_time"]),
-                                  cmdline=tuple(str(a) for a in data["cmdline"]))
-    except (OSError, ValueError, KeyError, TypeError):
+            identity = state.parse_identity(json.loads(f.read(_MAX_IDENTITY)))
+    except (OSError, ValueError, state.StateError):
         return None
     # Only the process started on this very config counts: a recycled pid never matches.
-    if identity.cmdline[1:] != (str(host.config),) or not identity.running():
+    if identity is None or identity.cmdline[1:] != (str(host.config),) or not identity.running():
         return None
     return identity
-
-
-def _identity_dict(identity: TunnelIdentity) -> dict:
-    return {**asdict(identity), "cmdline": list(identity.cmdline)}

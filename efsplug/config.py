@@ -110,8 +110,8 @@ class EfsplugConfig:
     stunnel: Optional[str] = None  # None: first of stunnel, stunnel5, stunnel4 on PATH
     cert_lifetime_min: int = 180
     # "per-mount": each tunnel is a stunnel process of its own (as efs-utils runs them).
-    # "shared": one stunnel process per network namespace serves every tunnel there as a
-    # section (efsplug.tunnelhost); about 60 KiB per tunnel instead of about 2 MiB.
+    # "shared": stunnel processes of a network namespace serve up to tunnels_per_process
+    # tunnels each, as sections (efsplug.tunnelhost); about 400 KiB per tunnel instead of 2 MiB.
     tunnel_process: str = "per-mount"
     tunnels_per_process: int = 8  # shared: each reload re-reads every section, ~2.5 ms each
 

@@ -168,13 +168,13 @@ def remove(host: Host, port: Optional[int], stop_timeout: float = 5.0) -> None:
         if port is not None:
             host.link(port).unlink(missing_ok=True)
         _prune(host)
-        running = _running(host)
-        if running is None:
+        live = running(host)
+        if live is None:
             return
         if any(host.services.iterdir()):
-            _hup(running)
+            _hup(live)
             return
-        Tunnel(running).stop(stop_timeout)
+        Tunnel(live).stop(stop_timeout)
         host.identity_file.unlink(missing_ok=True)
 
 
@@ -187,9 +187,9 @@ def ensure(host: Host, port: int, section: Path, *, binary: str, netns: Optional
     if not section.is_file():
         raise TunnelError(f"tunnel section {section} is gone")
     with _locked(host):
-        running = _running(host)
-        if running is not None and listening_on(running.pid, port):
-            return running
+        live = running(host)
+        if live is not None and listening_on(live.pid, port):
+            return live
         _prepare(host)
         return _serve_section(host, port, section, binary=binary, netns=netns, timeout=timeout)
 
@@ -231,11 +231,6 @@ def sections(host: Host, now: float) -> List[Section]:
     return found
 
 
-def running(host: Host) -> Optional[TunnelIdentity]:
-    """The host's process if it runs (its recorded identity still matches)."""
-    return _running(host)
-
-
 def _serve_section(host: Host, port: int, section: Path, *, binary: str, netns: Optional[str],
                    timeout: float) -> TunnelIdentity:
     """Link section in and have the host listen on port; on failure, unlink it again and
@@ -245,10 +240,10 @@ def _serve_section(host: Host, port: int, section: Path, *, binary: str, netns: 
         return _serve(host, port, binary=binary, netns=netns, timeout=timeout)
     except BaseException:
         host.link(port).unlink(missing_ok=True)
-        running = _running(host)
-        if running is not None:
+        live = running(host)
+        if live is not None:
             try:
-                _hup(running)  # back to the sections that worked
+                _hup(live)  # back to the sections that worked
             except TunnelError:
                 pass  # it went meanwhile: its tunnels' own restarts bring it back; the error to tell is the first
         raise
@@ -256,15 +251,15 @@ def _serve_section(host: Host, port: int, section: Path, *, binary: str, netns: 
 
 def _serve(host: Host, port: int, *, binary: str, netns: Optional[str], timeout: float) -> TunnelIdentity:
     _cap_log(host)
-    running = _running(host)
-    if running is not None:
+    live = running(host)
+    if live is not None:
         log = StartLog(host.log, host.directory)
         try:
-            _hup(running)
-            _wait_listening(running, port, timeout, log)
+            _hup(live)
+            _wait_listening(live, port, timeout, log)
         finally:
             log.file.close()
-        return running
+        return live
     try:
         return _launch(host, port, binary=binary, netns=netns, timeout=timeout)
     except SectionRefused as exc:
@@ -398,7 +393,8 @@ def _cap_log(host: Host) -> None:
         pass
 
 
-def _running(host: Host) -> Optional[TunnelIdentity]:
+def running(host: Host) -> Optional[TunnelIdentity]:
+    """The host's process if it runs (its recorded identity still matches)."""
     try:
         with open(host.identity_file, "rb") as f:
             identity = state.parse_identity(json.loads(f.read(_MAX_IDENTITY)))

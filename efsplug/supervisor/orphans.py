@@ -215,8 +215,7 @@ class Sweeper:
         if not any(listed for _, listed in found):
             return next_due
         records = state.load_all(self.state_dir)[0]
-        # A section other mounts joined outlives its own mount's record (efsplug.sharing).
-        named = {os.path.basename(os.path.dirname(r.config_file)) for r in records if r.config_file}
+        named = tunnel_dirs(records)
         ports_used = set(ports_in_use(self._read_mounts()))
         for host, listed in found:
             identity = tunnelhost.running(host)
@@ -278,6 +277,12 @@ def mount_dirs_of(state_dir: Path, mountpoint: str) -> List[str]:
     return sorted(found)
 
 
+def tunnel_dirs(records: Iterable[state.MountRecord]) -> Set[str]:
+    """The mount directories records' tunnels live in. A directory whose tunnel other mounts
+    joined outlives its own mount's record (efsplug.sharing), so it is still owned."""
+    return {os.path.basename(os.path.dirname(r.config_file)) for r in records if r.config_file}
+
+
 def release_unrecorded(state_dir: Path, mountpoint: str, mounts: List[KernelMount], now: float) -> List[str]:
     """Remove mountpoint's per-mount directories that no record names, after stopping
     efsplug's tunnel running from one; one whose port a kernel mount uses is left alone.
@@ -287,8 +292,7 @@ def release_unrecorded(state_dir: Path, mountpoint: str, mounts: List[KernelMoun
     """
     state_dir = Path(state_dir)
     used = set(ports_in_use(mounts))
-    # A directory whose tunnel other mounts joined outlives its own record (efsplug.sharing).
-    joined = {os.path.basename(os.path.dirname(r.config_file)) for r in state.load_all(state_dir)[0] if r.config_file}
+    joined = tunnel_dirs(state.load_all(state_dir)[0])
     stems = [stem for stem in mount_dirs_of(state_dir, mountpoint)
              if not state.claimed(state_dir, stem) and stem not in joined and int(stem.rsplit(".", 1)[1]) not in used]
     if not stems:

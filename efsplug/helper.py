@@ -74,7 +74,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         where = f" through 127.0.0.1:{record.port}" if record else ""
         print(f"{PROG}: mounted {request.fs_id}:{request.path} at {request.mountpoint}{where} ({timings.line()})")
     _finish_sink(sink, request, None, 0, port=record.port if record else None)
+    _ensure_supervisor(loaded.config, tunnel=record is not None, verbose=request.verbose)
     return 0
+
+
+def _ensure_supervisor(config: Config, *, tunnel: bool, verbose: bool) -> None:
+    """A mount made here, with no resident efsplug: start the supervisor, as efs-utils starts
+    its watchdog (efsplug.autostart). The mount stands either way: a failure is a warning."""
+    from pathlib import Path
+
+    from efsplug.autostart import ensure_supervisor
+
+    said = ensure_supervisor(Path(config.efsplug.state_dir), tunnel=tunnel, enabled=config.watchdog.enabled)
+    if said and said.startswith("warning: "):
+        print(f"{PROG}: {said}", file=sys.stderr)
+    elif said and verbose:
+        print(f"{PROG}: {said}")
 
 
 def _finish_handed(answer: dict) -> int:

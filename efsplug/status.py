@@ -11,7 +11,6 @@ process's environment).
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import sys
@@ -28,7 +27,7 @@ from efsplug.errors import EfsplugError
 from efsplug.mounttable import KernelMount, ports_in_use, read_mounts
 from efsplug.state import MountRecord
 from efsplug.supervisor import cleanup
-from efsplug.supervisor.lock import LOCK_NAME, holder_about
+from efsplug.supervisor.lock import LOCK_NAME, holder_about, lock_held
 from efsplug.supervisor.statusfile import read_status
 from efsplug.tunnel import Tunnel, listening_on
 from efsplug.unmount import mount_dir
@@ -58,17 +57,7 @@ class MountView:
 
 def supervised(state_dir: Path) -> bool:
     """True if a supervisor holds the lock (we cannot take it without waiting)."""
-    try:
-        fd = os.open(Path(state_dir) / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+    return lock_held(Path(state_dir) / LOCK_NAME)
 
 
 def view(record: MountRecord, mounts: List[KernelMount], state_dir: Path, supervisor_running: bool,

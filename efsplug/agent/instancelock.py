@@ -22,9 +22,13 @@ class AgentAlreadyRunning(EfsplugError):
     pass
 
 
+def lock_path(state_path: Path) -> Path:
+    return Path(state_path).with_name(Path(state_path).name + ".lock")
+
+
 def hold_instance_lock(state_path: Path) -> int:
     """Take the lock or raise AgentAlreadyRunning; returns the descriptor (keep it open)."""
-    path = Path(state_path).with_name(Path(state_path).name + ".lock")
+    path = lock_path(state_path)
     if not path.parent.is_dir():
         path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)

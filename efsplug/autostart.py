@@ -24,9 +24,6 @@ import subprocess
 from pathlib import Path
 from typing import Optional, Sequence
 
-from efsplug.agent.instancelock import lock_path
-from efsplug.supervisor.lock import LOCK_NAME, lock_held
-
 UNIT = "efsplug-supervisor.service"
 SYSTEMD_RUNTIME = "/run/systemd/system"
 SYSTEMCTL = ("/usr/bin/systemctl", "/bin/systemctl")  # mount(8) may run helpers with a minimal PATH
@@ -40,11 +37,14 @@ def ensure_supervisor(state_dir: Path, *, tunnel: bool, enabled: bool, agent_sta
     """Start the supervisor if the rules above say so. Returns what mount.efs should print:
     None when nothing was done, else a line starting "started" or "warning: ".
 
-    Cheapest facts first: without a tunnel or systemd, no file is opened.
+    Cheapest facts first: without a tunnel or systemd, no file is opened or module imported.
     agent_state: the agent's state file (default: the agent's own default).
     """
     if not (tunnel and enabled and os.path.isdir(systemd_runtime)):
         return None
+    from efsplug.agent.instancelock import lock_path
+    from efsplug.supervisor.lock import LOCK_NAME, lock_held
+
     if lock_held(Path(state_dir) / LOCK_NAME):
         return None
     if agent_state is None:

@@ -9,16 +9,20 @@ with the mount.nfs4 run to make. mount.efs then runs mount.nfs4 itself, in its o
 and network namespace. Whenever the resident process cannot be asked, or says it cannot
 serve this caller (other namespaces, CloudWatch Logs on), mount.efs does it all itself.
 
-This module imports only the standard library's lightest parts: it runs before anything
-else in mount.efs. The protocol: one JSON object each way, newline-terminated, bounded.
+This module imports only the interpreter's C modules (_socket, and _json through
+efsplug.litejson): it runs before anything else in mount.efs, and the socket and json
+packages would cost it about 10 ms (enum, re and the rest). The resident side passes
+socket.socket objects, a subclass of _socket.socket. The protocol: one JSON object each
+way, newline-terminated, bounded.
 """
 
 from __future__ import annotations
 
-import json
+import _socket
 import os
-import socket
 import time
+
+from efsplug import litejson
 
 TYPE_CHECKING = False  # typing is not imported at run time: mount.efs pays for every import
 if TYPE_CHECKING:
@@ -53,7 +57,7 @@ def passed_environment(environ: Mapping[str, str]) -> Dict[str, str]:
 
 
 def encode(message: dict) -> bytes:
-    data = json.dumps(message, separators=(",", ":")).encode() + b"\n"
+    data = litejson.dumps(message).encode() + b"\n"
     if len(data) > MAX_MESSAGE:
         raise ProtocolError(f"message of {len(data)} bytes, more than {MAX_MESSAGE}")
     return data
@@ -63,7 +67,7 @@ def decode(data: bytes) -> dict:
     if len(data) > MAX_MESSAGE:
         raise ProtocolError(f"message of {len(data)} bytes, more than {MAX_MESSAGE}")
     try:
-        message = json.loads(data.decode("utf-8"))
+        message = litejson.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise ProtocolError("not a JSON message") from None
     if not isinstance(message, dict):
@@ -71,14 +75,14 @@ def decode(data: bytes) -> dict:
     return message
 
 
-def read_message(sock: socket.socket, deadline: float) -> dict:
-    """One newline-terminated message, read by the deadline (socket.timeout past it)."""
+def read_message(sock: _socket.socket, deadline: float) -> dict:
+    """One newline-terminated message, read by the deadline (TimeoutError past it)."""
     chunks: List[bytes] = []
     size = 0
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise socket.timeout("no complete message in time")
+            raise TimeoutError("no complete message in time")
         sock.settimeout(remaining)
         chunk = sock.recv(MAX_MESSAGE + 1 - size)
         if not chunk:
@@ -100,7 +104,7 @@ def request_prepare(argv: List[str], environ: Mapping[str, str] = os.environ) ->
     path = socket_path(environ)
     if not os.path.exists(path):
         return None  # no agent or supervisor: the usual case on a plain host
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         sock.settimeout(CONNECT_TIMEOUT)
         sock.connect(path)

@@ -8,7 +8,9 @@ happened. While armed, these signals raise Interrupted instead, so every undo st
 
 from __future__ import annotations
 
-import signal
+# The C module under `signal`: the module itself turns every constant into an enum at
+# import (enum and all), which a mount.efs handed to a resident efsplug would pay for.
+import _signal
 
 from efsplug.errors import MountFailure
 
@@ -16,7 +18,8 @@ TYPE_CHECKING = False  # typing is not imported at run time: mount.efs pays for 
 if TYPE_CHECKING:
     from typing import Any
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+NAMES = {_signal.SIGTERM: "SIGTERM", _signal.SIGINT: "SIGINT", _signal.SIGHUP: "SIGHUP"}
+SIGNALS = tuple(NAMES)
 _armed = False
 
 
@@ -26,14 +29,14 @@ class Interrupted(MountFailure):
 
 def _on_signal(signum: int, frame: Any) -> None:
     if _armed:
-        raise Interrupted(f"interrupted by {signal.Signals(signum).name}; what the mount had made is removed")
+        raise Interrupted(f"interrupted by {NAMES[signum]}; what the mount had made is removed")
 
 
 def arm() -> None:
     global _armed
     _armed = True
     for sig in SIGNALS:
-        signal.signal(sig, _on_signal)
+        _signal.signal(sig, _on_signal)
 
 
 def disarm() -> None:

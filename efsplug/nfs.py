@@ -4,135 +4,57 @@ EFS answers a fresh TLS connection with "Connection reset by peer" while a mount
 warms up, and an access point's IAM decision can take a moment to propagate ("access
 denied"), so those two, and only those, are retried with back-off.
 
-Through a tunnel, mount.nfs4 alone cannot say why a mount fails: the kernel sees its
-connections to 127.0.0.1 closed and keeps reconnecting until the attempt times out. The
-tunnel's log can: it records whether the mount target was unreachable, failed the
-certificate check, or accepted TLS and then closed every connection unanswered (the
-mount target refusing the IAM identity). While mount.nfs4 runs, that log is watched so a
-mount the server keeps refusing fails in about a second instead of at the timeout.
+Through a tunnel, mount.nfs4 alone cannot say why a mount fails; the tunnel's log can
+(efsplug.tunnellog). While mount.nfs4 runs, that log is watched so a mount the server
+keeps refusing fails in about a second instead of at the timeout.
+
+mount.efs imports this module even when a resident efsplug prepared its mount, so it
+imports little: no subprocess (efsplug.spawn), typing, re or collections.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import re
-import subprocess
 import sys
 import time
-from collections import namedtuple
 
 from efsplug.errors import MountFailure
 from efsplug.interrupt import Interrupted
-from efsplug.netns import opened, preexec_entering
+from efsplug.spawn import Child
 
 TYPE_CHECKING = False  # typing is not imported at run time: mount.efs pays for every import
 if TYPE_CHECKING:
-    from typing import List, Optional, Sequence
+    from typing import List, Optional, Sequence, Tuple
+
+    from efsplug.tunnellog import TunnelVerdict
 
 MOUNT_NFS4 = "/sbin/mount.nfs4"  # mount(8) may run helpers with a minimal PATH
-# Connections the server closed right after our first bytes, with no answer and no
-# connection answered in between: a refusal, not a warming-up mount target.
-REFUSALS_BEFORE_GIVING_UP = 12
 _POLL_MAX = 0.1
-_LOG_TAIL_BYTES = 64 * 1024
-
-_CLOSED = re.compile(r"Connection [a-z/]+: (\d+) byte\(s\) sent to TLS, (\d+) byte\(s\) sent to socket")
-_CONNECT_FAILED = re.compile(r"s_connect: connect (\S+: .+)")  # not "s_connect: connected <ip>"
-_CERT_PROBLEM = re.compile(r"(CERT: .*|Rejected by CERT.*|certificate verify failed.*)")
-_CONNECTION = re.compile(r"(?:^|\s)LOG[0-7]\[([0-9]+)\]: ")  # the connection a line is about ("[ui]": none)
-_TLS_ALERT = re.compile(r"SSL_connect: .*?:([^:]+)$")
 
 
-# Named tuples, not dataclasses or typing.NamedTuple: mount.efs imports this module even
-# when a resident efsplug prepared its mount, and dataclasses or typing alone cost it
-# milliseconds.
-class NfsMount(namedtuple("NfsMount", [
-    "source",  # str: 127.0.0.1:/path through a tunnel, or <dns name or ip>:/path without TLS
-    "mountpoint", "options",  # str
-    "netns",  # Optional[str]
-    "flags",  # Sequence[str]: mount(8) flags passed on: -n, -s, -v
-    "access_point",  # Optional[str]
-    "tunnel_log",  # Optional[str]: the tunnel's log, when mounting through one
-    "tunnel_service",  # Optional[str]: its section's name when that log is a shared process's
-    "target",  # str: where the tunnel connects, for messages
-    "identity",  # Optional[str]: "IAM identity <source> (access key <id>)"; never a secret
-], defaults=(None, (), None, None, None, "the mount target", None))):
-    __slots__ = ()
+class NfsMount:
+    """One mount.nfs4 run to make. A plain class, not a dataclass or named tuple: mount.efs
+    imports this module even when a resident efsplug prepared its mount, and dataclasses,
+    typing or collections alone would cost it milliseconds."""
 
+    __slots__ = ("source", "mountpoint", "options", "netns", "flags", "access_point", "tunnel_log",
+                 "tunnel_service", "target", "identity")
 
-class TunnelVerdict(namedtuple("TunnelVerdict", [
-    "refused",  # int: closed by the server after the handshake, without an answer
-    "failed",  # closed before any byte went through: unreachable, or the handshake failed
-    "answered",  # connections that carried replies: the server does talk to us
-    "connect_error", "cert_error", "tls_error",  # Optional[str]: the first reason of each kind
-], defaults=(0, 0, 0, None, None, None))):
-    """What the tunnel's log says about the connections made so far (pure)."""
+    def __init__(self, source: str, mountpoint: str, options: str, netns: Optional[str] = None,
+                 flags: Sequence[str] = (), access_point: Optional[str] = None, tunnel_log: Optional[str] = None,
+                 tunnel_service: Optional[str] = None, target: str = "the mount target",
+                 identity: Optional[str] = None) -> None:
+        self.source = source  # 127.0.0.1:/path through a tunnel, or <dns name or ip>:/path without TLS
+        self.mountpoint, self.options, self.netns = mountpoint, options, netns
+        self.flags = tuple(flags)  # mount(8) flags passed on: -n, -s, -v
+        self.access_point = access_point
+        self.tunnel_log = tunnel_log  # the tunnel's log, when mounting through one
+        self.tunnel_service = tunnel_service  # its section's name when that log is a shared process's
+        self.target = target  # where the tunnel connects, for messages
+        self.identity = identity  # "IAM identity <source> (access key <id>)"; never a secret
 
-    __slots__ = ()
-
-    @property
-    def hopeless(self) -> bool:
-        return self.answered == 0 and self.refused + self.failed >= REFUSALS_BEFORE_GIVING_UP
-
-
-def read_tunnel_log(text: str, service: Optional[str] = None) -> TunnelVerdict:
-    """Count stunnel's per-connection outcomes; keep the first reason of each kind.
-
-    service: in a log shared by several tunnels (tunnel_process = shared), only the
-    connections that section accepted count; stunnel numbers connections per process.
-    """
-    counts = {"refused": 0, "failed": 0, "answered": 0}
-    reasons: dict = {}
-    lines = text.splitlines()
-    if service is not None:
-        accepted = f"]: Service [{service}] accepted connection"
-        ours = {m.group(1) for line in lines if accepted in line and (m := _CONNECTION.search(line))}
-        lines = [line for line in lines if (m := _CONNECTION.search(line)) and m.group(1) in ours]
-    for line in lines:
-        line = line.rstrip()
-        closed = _CLOSED.search(line)
-        if closed:
-            to_tls, to_socket = int(closed.group(1)), int(closed.group(2))
-            counts["answered" if to_socket else ("refused" if to_tls else "failed")] += 1
-            continue
-        for kind, pattern in (("connect_error", _CONNECT_FAILED), ("cert_error", _CERT_PROBLEM),
-                              ("tls_error", _TLS_ALERT)):
-            found = pattern.search(line)
-            if found:
-                reasons.setdefault(kind, found.group(1).strip())
-                break
-    return TunnelVerdict(**counts, **reasons)
-
-
-def tunnel_diagnosis(verdict: TunnelVerdict, mount: NfsMount) -> Optional[str]:
-    """The cause an operator can act on, from the tunnel's point of view; None if it saw none."""
-    if verdict.answered:
-        return None  # the server talks to us: the NFS layer's own error is the one to show
-    if verdict.cert_error:
-        return (
-            f"the TLS tunnel rejected {mount.target}'s certificate ({verdict.cert_error}); check stunnel_cafile "
-            "in efs-utils.conf (or cafile=) and that the file system's DNS name matches the certificate"
-        )
-    if verdict.refused:
-        who = mount.identity or "this client (no IAM identity was sent)"
-        where = f"access point {mount.access_point}" if mount.access_point else "the file system"
-        return (
-            f"the mount target {mount.target} refused {who}: it closed the TLS connection unanswered "
-            f"{verdict.refused} times; check that the credentials are valid and current and that the "
-            f"file system policy allows them to mount {where}"
-        )
-    if verdict.connect_error:
-        return (
-            f"the TLS tunnel cannot reach {mount.target} port 2049 ({verdict.connect_error}); check that the "
-            "mount target's security group allows TCP 2049 from this host"
-        )
-    if verdict.tls_error:
-        return (
-            f"the TLS handshake with {mount.target} failed ({verdict.tls_error}); check the tunnel settings "
-            "(stunnel_cafile, verify, ocsp) in efs-utils.conf"
-        )
-    return None
+    def __repr__(self) -> str:
+        return f"NfsMount({', '.join(f'{name}={getattr(self, name)!r}' for name in self.__slots__)})"
 
 
 def retryable(stderr: str, *, access_point: bool) -> bool:
@@ -165,15 +87,15 @@ def explain(stderr: str, mount: NfsMount) -> str:
 
 
 def _tunnel_verdict(mount: NfsMount, since: int) -> TunnelVerdict:
-    """The verdict over what the tunnel logged after offset since (this attempt only)."""
-    if mount.tunnel_log is None:
-        return TunnelVerdict()
-    try:
-        with open(mount.tunnel_log, "rb") as f:
-            f.seek(max(since, f.seek(0, 2) - _LOG_TAIL_BYTES))
-            return read_tunnel_log(f.read().decode(errors="replace"), mount.tunnel_service)
-    except OSError:
-        return TunnelVerdict()
+    from efsplug.tunnellog import verdict_since  # re and all: only once mount.nfs4 takes a while
+
+    return verdict_since(mount, since)
+
+
+def _diagnosis(verdict: TunnelVerdict, mount: NfsMount) -> Optional[str]:
+    from efsplug.tunnellog import tunnel_diagnosis
+
+    return tunnel_diagnosis(verdict, mount)
 
 
 def _log_size(mount: NfsMount) -> int:
@@ -187,39 +109,37 @@ class AttemptTimedOut(MountFailure):
     """One mount.nfs4 run did not finish in time: a stalled mount target may recover, so it is retried."""
 
 
-def _run_attempt(argv: List[str], mount: NfsMount, timeout: float) -> "subprocess.CompletedProcess[str]":
-    """One mount.nfs4 run; stopped early when the tunnel shows the server refusing us."""
+def _run_attempt(argv: List[str], mount: NfsMount, timeout: float) -> Tuple[int, str, str]:
+    """One mount.nfs4 run, (status, stdout, stderr); stopped early when the tunnel shows the
+    server refusing us."""
     since = _log_size(mount)
-    with contextlib.ExitStack() as stack:
-        ns_fd = stack.enter_context(opened(mount.netns)) if mount.netns else None
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            preexec_fn=preexec_entering(ns_fd),
-        )
+    if mount.netns:
+        from efsplug.netns import opened
+
+        with opened(mount.netns) as ns_fd:
+            child = Child(argv, netns_fd=ns_fd)
+    else:
+        child = Child(argv)
     deadline = time.monotonic() + timeout
     delay = 0.02
     try:
         while True:
             remaining = deadline - time.monotonic()
-            try:
-                out, err = proc.communicate(timeout=max(0.0, min(delay, remaining)))
-                return subprocess.CompletedProcess(argv, proc.returncode, out, err)
-            except subprocess.TimeoutExpired:
-                pass
+            done = child.wait(max(0.0, min(delay, remaining)))
+            if done is not None:
+                return done
             verdict = _tunnel_verdict(mount, since)
             if verdict.hopeless:
-                raise MountFailure(tunnel_diagnosis(verdict, mount) or "the server refused every connection")
+                raise MountFailure(_diagnosis(verdict, mount) or "the server refused every connection")
             if remaining <= 0:
-                cause = tunnel_diagnosis(verdict, mount)
+                cause = _diagnosis(verdict, mount)
                 raise AttemptTimedOut(cause or (
                     f"mount.nfs4 did not finish within {timeout:g}s; the server is not answering: check the "
                     "tunnel and that the mount target's security group allows TCP 2049"
                 ))
             delay = min(delay * 2, _POLL_MAX)
     finally:
-        if proc.poll() is None:
-            proc.kill()  # mount.nfs4 holds no state of its own: the kernel drops the attempt
-            proc.communicate()
+        child.kill()  # if it still runs: mount.nfs4 holds no state of its own, the kernel drops the attempt
 
 
 def mount_nfs(mount: NfsMount, *, attempts: int, attempt_timeout: float, verbose: bool = False) -> None:
@@ -242,13 +162,14 @@ def mount_nfs(mount: NfsMount, *, attempts: int, attempt_timeout: float, verbose
             if verbose:
                 print(f"mount.efs: retrying mount.nfs4 (attempt {attempt} timed out after {attempt_timeout:g}s)")
             continue  # the attempt itself waited: no back-off on top
-        if done.returncode == 0:
+        status, _, stderr = done
+        if status == 0:
             return
-        if attempt == attempts or not retryable(done.stderr, access_point=bool(mount.access_point)):
-            cause = tunnel_diagnosis(_tunnel_verdict(mount, 0), mount)
-            raise MountFailure(cause or explain(done.stderr, mount))
+        if attempt == attempts or not retryable(stderr, access_point=bool(mount.access_point)):
+            cause = _diagnosis(_tunnel_verdict(mount, 0), mount)
+            raise MountFailure(cause or explain(stderr, mount))
         if verbose:
-            print(f"mount.efs: retrying mount.nfs4 ({done.stderr.strip()})")
+            print(f"mount.efs: retrying mount.nfs4 ({stderr.strip()})")
         time.sleep(delay)  # back-off: the server told us to come back, there is no event to wait on
         delay = min(delay * 2, 5.0)
 

@@ -188,7 +188,8 @@ class TargetChecks:
     def tunnel_null(self) -> str:
         from efsplug.mount import Timings, describe_identity
         from efsplug.mounttunnel import Identity, start_tunnel, tunnel_log_path, tunnel_service
-        from efsplug.nfs import NfsMount, read_tunnel_log, tunnel_diagnosis
+        from efsplug.nfs import NfsMount
+        from efsplug.tunnellog import read_tunnel_log, tunnel_diagnosis
 
         request, target, config = self._request(), self._target(), self.host.config
         # A mountpoint nobody uses: the record (gone at the end) must name one.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Iterator, List, Tuple
@@ -122,3 +123,29 @@ def test_a_broken_resident_process_means_mount_efs_does_it_itself(host: Host, tr
     refused(res, 32, NO_NFS)
     assert [parent for _, parent in tunnels(traced_stunnel)] != [os.getpid()]
     nothing_left(host)
+
+
+# What a handed mount.efs must never import: each costs it milliseconds (bench_mount_host,
+# "second mount"), and the C modules under them do the same work.
+HEAVY = {"json", "re", "enum", "socket", "subprocess", "signal", "typing", "collections", "contextlib",
+         "dataclasses", "pathlib", "threading"}
+
+
+def test_the_handed_path_imports_only_the_interpreters_c_modules() -> None:
+    """In a fresh interpreter started as the RPM starts mount.efs (-sS): every module the
+    handed path runs, then a malformed answer decoded, which on Python 3.11 makes the C
+    scanner look for json.decoder (efsplug.litejson) and must still be a ValueError."""
+    code = (
+        "import sys\n"
+        "from efsplug import handoff, helper, nfs, spawn, interrupt, litejson\n"
+        "loaded = sorted(set(sys.modules) & set(sys.argv[1].split()))\n"
+        "try:\n"
+        "    handoff.decode(b'{\"ok\": \"\\x01\"}')\n"
+        "except handoff.ProtocolError as exc:\n"
+        "    print(' '.join(loaded) or 'none', '|', exc)\n"
+    )
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[2]), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-sS", "-c", code, " ".join(sorted(HEAVY))], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "none | not a JSON message\n"

@@ -6,7 +6,8 @@ import pytest
 
 from efsplug.credentials import CredentialSource, shown_source
 from efsplug.errors import MountFailure
-from efsplug.nfs import NfsMount, explain, read_tunnel_log, retryable, tunnel_diagnosis
+from efsplug.nfs import NfsMount, explain, retryable
+from efsplug.tunnellog import read_tunnel_log, tunnel_diagnosis
 from efsplug.resolve import choose_mount_target
 
 TARGETS = [

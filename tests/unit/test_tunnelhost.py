@@ -12,7 +12,7 @@ import pytest
 from efsplug import config as cfg
 from efsplug import tunnelhost
 from efsplug.errors import ConfigError
-from efsplug.nfs import read_tunnel_log
+from efsplug.tunnellog import read_tunnel_log
 from efsplug.stunnel import HOST_MARKER, SERVICE_MARKER, TunnelSpec, render, render_host, render_service, service_name
 
 SPEC = TunnelSpec(accept_port=20050, connect_host="192.0.2.4", check_host="fs-12345678.efs.us-east-1.amazonaws.com",

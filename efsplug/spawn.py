@@ -58,14 +58,13 @@ class Child:
 
     def wait(self, timeout: float) -> Optional[Tuple[int, str, str]]:
         deadline = time.monotonic() + timeout
-        while self._kept:  # open pipes: EOF on both means the child is exiting
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+        while self._kept:  # EOF on both pipes: the child has closed them by exiting
+            ready = self._poller.poll(max(0.0, deadline - time.monotonic()) * 1000)
+            if not ready:
                 return None
-            for fd, _ in self._poller.poll(remaining * 1000):
+            for fd, _ in ready:
                 self._read(fd)
-        if self.returncode is None:
-            # Its files are closed, which the kernel does as it exits: this wait is its last moment.
+        if self.returncode is None:  # it exited (see above): this wait returns at once
             self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
         return self.returncode, self._text(self._out), self._text(self._err)
 

@@ -22,7 +22,8 @@ from test_supervisor_guest import EFSPLUG, configure, record_of, records, tunnel
 
 pytestmark = pytest.mark.guest
 
-START = "start --no-block efsplug-supervisor.service"
+IS_ACTIVE = "is-active --quiet amazon-ecs-volume-plugin.service"
+START = "start --no-block --job-mode=fail efsplug-supervisor.service"
 
 
 class Systemd:
@@ -37,9 +38,10 @@ class Systemd:
         # setsid without job control execs in place: $! is the supervisor's own pid.
         script.write_text(
             f'#!/bin/sh\necho "$*" >> {self.calls}\n'
+            f'if [ "$*" = "{IS_ACTIVE}" ]; then exit 3; fi\n'  # the agent's unit: inactive
             f'if [ "$*" = "{START}" ]; then\n'
             f"  setsid {EFSPLUG} supervise -v > {self.log_path} 2>&1 < /dev/null &\n"
-            f"  echo $! > {self.pidfile}\nfi\nexit 0\n")
+            f"  echo $! > {self.pidfile}\n  exit 0\nfi\nexit 1\n")
         script.chmod(0o755)
         bed.run(["mkdir", "-p", "/run/systemd/system"], check=True)
         bed.run(["mount", "--bind", str(script), "/usr/bin/systemctl"], check=True)
@@ -88,7 +90,7 @@ def test_the_first_mount_starts_the_supervisor_which_serves_and_reaps_the_next(
         first = mount_v(bed, points[0], "tls")
         assert first.rc == 0, first.stderr
         assert "mount.efs: started efsplug-supervisor.service: no supervisor was running" in first.stdout, first.stdout
-        assert systemd.recorded() == [START]
+        assert systemd.recorded() == [IS_ACTIVE, START]
         wait_until(lambda: "supervising" in systemd.log(), 60, "the started supervisor supervising")
         pid = systemd.supervisor_pid()
         # The next mount is prepared by the supervisor mount.efs started: warm, and no second start.
@@ -97,7 +99,7 @@ def test_the_first_mount_starts_the_supervisor_which_serves_and_reaps_the_next(
         # A mount made alone while it runs: it holds the lock, so nothing is started again.
         third = mount_v(bed, points[2], "tls", alone=True)
         assert third.rc == 0 and "prepared by" not in third.stdout and "started" not in third.stdout, third.stdout
-        assert systemd.recorded() == [START]
+        assert systemd.recorded() == [IS_ACTIVE, START]
         for point in points:
             write_and_find(bed, point, bed.export_dir)
         # It supervises the first mount too: kill its tunnel and it is restarted.

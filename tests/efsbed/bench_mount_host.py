@@ -321,8 +321,8 @@ def report(data: dict) -> str:
         over = "" if plain else f"{statistics.median(values) - base:+11.1f}"
         lines.append(f"  {name:42} {statistics.median(values):8.1f} {min(values):8.1f} {max(values):8.1f} {over}")
     lines.append("  (a second mount is compared with the bare mount.nfs4, the others with the floor)")
-    lines.append("  (no label: mount.efs alone, with no resident efsplug: on a systemd host only the first TLS")
-    lines.append("   mount after boot, which starts efsplug-supervisor; every later one is a resident case)")
+    lines.append("  (rows without 'resident efsplug': mount.efs alone; on a systemd host that is only the first")
+    lines.append("   TLS mount after boot, which starts efsplug-supervisor: every later mount is a resident case)")
     lines.append("memory and ports:")
     lines += [f"  {k}: {v:.0f}" if isinstance(v, float) else f"  {k}: {v}" for k, v in data["memory"].items()]
     return "\n".join(lines)

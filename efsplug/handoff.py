@@ -35,6 +35,7 @@ VERSION = 1
 # The prepare step's own bounds (mount target 16 s, credentials 6 s, tunnel 10 s, ...) are
 # well inside this; past it the resident process is hung, and mount.efs goes it alone.
 ANSWER_TIMEOUT = 60.0
+RELEASE_TIMEOUT = 15.0  # stopping one tunnel is bounded by 5 s; past this mount.efs undoes it itself
 CONNECT_TIMEOUT = 1.0
 
 
@@ -101,6 +102,26 @@ def request_prepare(argv: List[str], environ: Mapping[str, str] = os.environ) ->
     An answer is {"ok": true, ...the prepared mount...} or {"ok": false, "error", "exit"}
     (the mount failed there: report it, as mount.efs would have).
     """
+    # Gone, refused, hung or garbled: what it may have made for us, it undoes itself when
+    # the answer cannot be delivered; a record left by a crash is the supervisor's.
+    return _exchange({"v": VERSION, "argv": list(argv), "env": passed_environment(environ),
+                      "ns": namespaces(), "pid": os.getpid()}, environ, ANSWER_TIMEOUT)
+
+
+def request_release(record: str, environ: Mapping[str, str] = os.environ) -> bool:
+    """Ask the resident process to undo what it prepared for a mount that was not made.
+
+    It started the tunnel, so only it can collect the stopped tunnel's exit status: undone
+    here, the tunnel would stay a zombie of the agent or supervisor. False when it could
+    not be asked or did not do it: mount.efs then undoes it itself.
+    """
+    answer = _exchange({"v": VERSION, "release": record, "env": passed_environment(environ),
+                        "ns": namespaces(), "pid": os.getpid()}, environ, RELEASE_TIMEOUT)
+    return bool(answer and answer.get("released"))
+
+
+def _exchange(message: dict, environ: Mapping[str, str], timeout: float) -> Optional[dict]:
+    """One request and its answer; None if there is no resident process or no usable answer."""
     path = socket_path(environ)
     if not os.path.exists(path):
         return None  # no agent or supervisor: the usual case on a plain host
@@ -108,12 +129,9 @@ def request_prepare(argv: List[str], environ: Mapping[str, str] = os.environ) ->
     try:
         sock.settimeout(CONNECT_TIMEOUT)
         sock.connect(path)
-        sock.sendall(encode({"v": VERSION, "argv": list(argv), "env": passed_environment(environ),
-                             "ns": namespaces(), "pid": os.getpid()}))
-        answer = read_message(sock, time.monotonic() + ANSWER_TIMEOUT)
+        sock.sendall(encode(message))
+        answer = read_message(sock, time.monotonic() + timeout)
     except (OSError, ProtocolError):
-        # Gone, refused, hung or garbled: what it may have made for us, it undoes itself
-        # when the answer cannot be delivered; a record left by a crash is the supervisor's.
         return None
     finally:
         sock.close()

@@ -148,7 +148,12 @@ def _complete_python() -> None:
 
 
 def _release_handed(name: str) -> None:
-    """Undo what the resident efsplug made for a mount that was not made."""
+    """Undo what the resident efsplug made for a mount that was not made: by the resident
+    itself (it started the tunnel, and so collects its exit), else here."""
+    from efsplug import handoff
+
+    if handoff.request_release(name):
+        return
     _complete_python()
     from pathlib import Path
 

@@ -101,20 +101,40 @@ class MountService:
         why = self._refusal(request)
         if why is not None:
             _answer(conn, {"v": handoff.VERSION, "handled": False, "why": why})
-            return
-        self._prepare(conn, request)
+        elif "release" in request:
+            self._release(conn, request["release"], request["env"])
+        else:
+            self._prepare(conn, request)
 
     def _refusal(self, request: Dict[str, Any]) -> Optional[str]:
         if request.get("v") != handoff.VERSION:
             return "another protocol version"
-        argv, env = request.get("argv"), request.get("env")
-        if not (isinstance(argv, list) and all(isinstance(a, str) for a in argv)):
+        argv, env, record = request.get("argv"), request.get("env"), request.get("release")
+        if "release" in request:
+            if not (isinstance(record, str) and _is_record_name(record)):
+                return "not a record's file name"
+        elif not (isinstance(argv, list) and all(isinstance(a, str) for a in argv)):
             return "no command line"
         if not (isinstance(env, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())):
             return "no environment"
         if request.get("ns") != self._own_ns:
             return "another mount or network namespace"
         return None
+
+    def _release(self, conn: socket.socket, name: str, env: Mapping[str, str]) -> None:
+        """Undo what _prepare made for a mount mount.efs could not make (handoff.request_release):
+        here, because the tunnel is this process's child and only its parent can reap it."""
+        from efsplug import state
+        from efsplug.config import load_config
+        from efsplug.unmount import release
+
+        try:
+            state_dir = Path(load_config(environ=env).config.efsplug.state_dir)
+            release(state.load(state_dir / name), state_dir=state_dir, failed_mount=True)
+        except (EfsplugError, state.StateError) as exc:  # UnmountError is an EfsplugError
+            _answer(conn, {"v": handoff.VERSION, "handled": True, "released": False, "why": str(exc)})
+            return
+        _answer(conn, {"v": handoff.VERSION, "handled": True, "released": True})
 
     def _prepare(self, conn: socket.socket, request: Dict[str, Any]) -> None:
         from efsplug.config import load_config
@@ -162,6 +182,14 @@ def _prepared_fields(prepared: Any) -> Dict[str, Any]:
         "target": nfs.target, "identity": nfs.identity,
         "attempts": prepared.attempts, "attempt_timeout": prepared.attempt_timeout, "verbose": prepared.verbose,
     }
+
+
+def _is_record_name(name: str) -> bool:
+    """A record's file name in the state directory, and nothing that could lead out of it."""
+    from efsplug import state
+
+    return (name == os.path.basename(name) and name.endswith(state.SUFFIX) and not name.startswith(".")
+            and "\0" not in name and len(name) <= 255)
 
 
 def _record_name(record: Any) -> str:

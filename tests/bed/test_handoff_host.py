@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Iterator, List, Tuple
 
@@ -52,7 +53,8 @@ def test_handed_off_mount_fails_as_in_process_and_leaves_nothing(host: Host, tra
     assert refused(handed, 32, NO_NFS) == line  # the same one line, whoever prepared the mount
     (first, _), (second, parent) = tunnels(traced_stunnel)
     assert parent == os.getpid()  # started by the service, not by mount.efs
-    nothing_left(host)  # mount.efs released the service's tunnel, record and directory
+    nothing_left(host)  # the service released its tunnel, record and directory when mount.efs asked
+    assert not Path(f"/proc/{second}").exists()  # and, as its parent, reaped it: not even a zombie is left
 
 
 def test_iam_and_access_point_through_the_service_leave_nothing(host: Host, traced_stunnel: Path, service: Path) -> None:
@@ -149,3 +151,30 @@ def test_the_handed_path_imports_only_the_interpreters_c_modules() -> None:
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "none | not a JSON message\n"
+
+
+def _ask(path: Path, message: dict) -> dict:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(30)
+        sock.connect(str(path))
+        sock.sendall(handoff.encode(message))
+        return handoff.read_message(sock, time.monotonic() + 30)
+
+
+@pytest.mark.parametrize("name", ["../x.json", "sub/x.json", ".x.json", "x.conf", "", "x\0.json", "x" * 300 + ".json"])
+def test_a_release_of_anything_but_a_record_name_is_refused(host: Host, service: Path, name: str) -> None:
+    outside = host.root / "x.json"
+    outside.write_text("{}")
+    answer = _ask(service, {"v": handoff.VERSION, "release": name, "env": {"EFSPLUG_CONFIG": str(host.config)},
+                            "ns": handoff.namespaces()})
+    assert answer == {"v": handoff.VERSION, "handled": False, "why": "not a record's file name"}
+    assert outside.exists()
+
+
+def test_a_release_of_no_such_record_says_why_and_mount_efs_would_do_it_itself(host: Host, service: Path) -> None:
+    env = {"EFSPLUG_CONFIG": str(host.config), handoff.SOCKET_ENV: str(service)}
+    answer = _ask(service, {"v": handoff.VERSION, "release": "fs-12345678.mnt.20049.json", "env": env,
+                            "ns": handoff.namespaces()})
+    assert answer["handled"] and answer["released"] is False and "fs-12345678.mnt.20049.json" in answer["why"]
+    assert handoff.request_release("fs-12345678.mnt.20049.json", env) is False
+    assert handoff.request_release("x.json", {handoff.SOCKET_ENV: str(host.root / "nobody-listens.sock")}) is False

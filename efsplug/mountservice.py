@@ -126,15 +126,23 @@ class MountService:
         here, because the tunnel is this process's child and only its parent can reap it."""
         from efsplug import state
         from efsplug.config import load_config
+        from efsplug.nfs import mounted_through
         from efsplug.unmount import release
 
         try:
             state_dir = Path(load_config(environ=env).config.efsplug.state_dir)
-            release(state.load(state_dir / name), state_dir=state_dir, failed_mount=True)
+            record = state.load(state_dir / name)
+            if record.port is not None and mounted_through(record.mountpoint, record.port):
+                # Never for a mount the kernel has: its tunnel would go from under it.
+                why = f"{shown(record.mountpoint)} is mounted through port {record.port}"
+                _answer(conn, {"v": handoff.VERSION, "handled": True, "released": False, "why": why})
+                return
+            released = release(record, state_dir=state_dir, failed_mount=True)
         except (EfsplugError, state.StateError) as exc:  # UnmountError is an EfsplugError
             _answer(conn, {"v": handoff.VERSION, "handled": True, "released": False, "why": str(exc)})
             return
-        _answer(conn, {"v": handoff.VERSION, "handled": True, "released": True})
+        # Not released: its port is held (the supervisor reaping it too, or a mount joining it).
+        _answer(conn, {"v": handoff.VERSION, "handled": True, "released": released})
 
     def _prepare(self, conn: socket.socket, request: Dict[str, Any]) -> None:
         from efsplug.config import load_config

@@ -186,14 +186,14 @@ def finish_mount(mount: NfsMount, *, attempts: int, attempt_timeout: float, verb
     try:
         mount_nfs(mount, attempts=attempts, attempt_timeout=attempt_timeout, verbose=verbose)
     except Interrupted:
-        if port is not None and _mounted_through(mount.mountpoint, port):
+        if port is not None and mounted_through(mount.mountpoint, port):
             print(f"mount.efs: a signal arrived after {mount.mountpoint} was mounted; the mount is kept",
                   file=sys.stderr)
             return
         raise
 
 
-def _mounted_through(mountpoint: str, port: int) -> bool:
+def mounted_through(mountpoint: str, port: int) -> bool:
     from efsplug.mounttable import read_mounts
 
     return any(m.mountpoint == os.path.normpath(mountpoint) and m.is_nfs and m.port == port for m in read_mounts())

@@ -10,7 +10,6 @@ started takes the lock, prepares the next mount (efsplug.handoff) and reaps both
 from __future__ import annotations
 
 import secrets
-from pathlib import Path
 from typing import Iterator, List, Optional
 
 import pytest
@@ -59,11 +58,13 @@ class Systemd:
     def stop(self) -> None:
         """The supervisor it started (by its pid, SIGKILL, waited for), then the stand-in and the directory."""
         pid = self.supervisor_pid()
-        if pid is not None:
-            self.bed.run(["kill", "-9", str(pid)])
-            wait_until(lambda: self.bed.run(["kill", "-0", str(pid)]).rc != 0, 30, "supervisor gone")
-        self.bed.run(["umount", "/usr/bin/systemctl"], check=True)
-        self.bed.run(["rm", "-rf", "/run/systemd"], check=True)
+        try:
+            if pid is not None:
+                self.bed.run(["kill", "-9", str(pid)])
+                wait_until(lambda: self.bed.run(["kill", "-0", str(pid)]).rc != 0, 30, "supervisor gone")
+        finally:  # whatever happened above, no later test may meet the stand-in
+            self.bed.run(["umount", "/usr/bin/systemctl"], check=True)
+            self.bed.run(["rm", "-rf", "/run/systemd"], check=True)
 
 
 @pytest.fixture

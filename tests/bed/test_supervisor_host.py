@@ -163,7 +163,7 @@ def test_wedged_tunnel_is_restarted_within_two_poll_intervals(state_dir, supervi
     original = config.read_text()
     elsewhere = record.port + 1 if record.port + 1 < UPPER else record.port - 1
     config.write_text(original.replace(f"accept = 127.0.0.1:{record.port}", f"accept = 127.0.0.1:{elsewhere}"))
-    os.kill(record.tunnel.pid, signal.SIGHUP)
+    Tunnel.from_identity(record.tunnel).reload()  # waits for stunnel's handler: an early SIGHUP kills it
     wait_until(lambda: listening_on(record.tunnel.pid, elsewhere), 10, "the tunnel moved off its port")
     wedged = time.monotonic()
     config.write_text(original)  # what the restart will use
@@ -183,8 +183,11 @@ def test_a_reload_is_not_mistaken_for_a_wedge(state_dir, supervisors):
     table.mount("/mnt/r", record.port)
     sup = supervisors(config_for(state_dir, stunnel_health_check_enabled="true"), mount_reader=table)
     wait_until(sup.supervising.is_set, 10, "supervising")
+    tunnel = Tunnel.from_identity(record.tunnel)
+    assert tunnel is not None
     for _ in range(5):
-        os.kill(record.tunnel.pid, signal.SIGHUP)
+        # As the supervisor reloads: a SIGHUP before stunnel installs its handler kills it.
+        tunnel.reload()
         wait_until(lambda: listening_on(record.tunnel.pid, record.port), 5, "listening after reload")
     deadline = time.monotonic() + 3.0  # three sweeps
     while time.monotonic() < deadline:

@@ -51,9 +51,9 @@ def ensure_supervisor(state_dir: Path, *, tunnel: bool, enabled: bool, paths: Sy
     if not (tunnel and enabled and os.path.isdir(paths.systemd_runtime)):
         return None  # no file opened, no module imported: the usual case off systemd, and for plain NFS
     from efsplug.agent.instancelock import lock_path
-    from efsplug.supervisor.lock import LOCK_NAME, lock_held
+    from efsplug.supervisor.lock import lock_held, supervised
 
-    if lock_held(Path(state_dir) / LOCK_NAME):
+    if supervised(state_dir):
         return None
     agent_state = paths.agent_state
     if agent_state is None:

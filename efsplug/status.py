@@ -27,7 +27,7 @@ from efsplug.errors import EfsplugError
 from efsplug.mounttable import KernelMount, ports_in_use, read_mounts
 from efsplug.state import MountRecord
 from efsplug.supervisor import cleanup
-from efsplug.supervisor.lock import LOCK_NAME, holder_about, lock_held
+from efsplug.supervisor.lock import holder_about, supervised
 from efsplug.supervisor.statusfile import read_status
 from efsplug.tunnel import Tunnel, listening_on
 from efsplug.unmount import mount_dir
@@ -53,11 +53,6 @@ class MountView:
     shares_tunnel_with: Tuple[str, ...] = ()  # the other mounts through the same tunnel (port)
     # With tunnel_process = shared: the mounts whose tunnels are other sections of the same stunnel process.
     shares_process_with: Tuple[str, ...] = ()
-
-
-def supervised(state_dir: Path) -> bool:
-    """True if a supervisor holds the lock (we cannot take it without waiting)."""
-    return lock_held(Path(state_dir) / LOCK_NAME)
 
 
 def view(record: MountRecord, mounts: List[KernelMount], state_dir: Path, supervisor_running: bool,

@@ -88,6 +88,11 @@ def lock_held(path: Path) -> bool:
     return False
 
 
+def supervised(state_dir: Path) -> bool:
+    """True if a supervisor holds <state_dir>'s lock."""
+    return lock_held(Path(state_dir) / LOCK_NAME)
+
+
 def holder_about(state_dir: Path) -> Optional[str]:
     """The second line of the lock file (what its holder runs with), or None."""
     try:

@@ -266,7 +266,7 @@ def test_exactly_one_supervisor_and_takeover(state_dir, supervisors, tmp_path):
 
 
 def _locked(state_dir: Path) -> bool:
-    from efsplug.status import supervised
+    from efsplug.supervisor.lock import supervised
 
     return supervised(state_dir)
 

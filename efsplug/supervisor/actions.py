@@ -12,9 +12,9 @@ import shutil
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from typing import Optional, Set, Tuple
+from typing import List, Optional, Set, Tuple
 
-from efsplug import state
+from efsplug import sharing, state
 from efsplug.state import MountRecord
 from efsplug.supervisor import decisions as d
 from efsplug.supervisor import tunnels
@@ -74,8 +74,14 @@ class ActionsMixin:
                 return found
         return "stunnel"
 
+    def _siblings(self, e: Entry) -> List[Entry]:
+        """The other mounts through e's tunnel: they share its certificate file."""
+        return [o for o in self._entries.values() if o is not e and sharing.same_tunnel(o.record, e.record)]
+
     def _do_renew_certificate(self, e: Entry, action: d.Action) -> None:
-        if d.RENEW_CERT in e.busy:
+        # One renewal serves every mount of a shared tunnel (they share the credential source
+        # too: it is part of the share key), so one credential fetch and one reload, not one each.
+        if d.RENEW_CERT in e.busy or any(d.RENEW_CERT in o.busy for o in self._siblings(e)):
             return
         e.busy.add(d.RENEW_CERT)
         record, key = e.record, e.key
@@ -102,13 +108,19 @@ class ActionsMixin:
         else:
             if e.tracking.revoked_since is not None:
                 log.info("credentials of %s are back", e.record.mountpoint)
-            e.tracking = d.after_renewal(e.tracking, True, now, self.policy)
-            e.record = replace(e.record, cert_not_before=renewed.cert_not_before, cert_not_after=renewed.cert_not_after,
-                               credential_expiry=renewed.credential_expiry)
-            if (self.state_dir / key).exists():
-                state.save(self.state_dir, e.record)
-            log.info("renewed the certificate of %s (serial %x, valid until %s, tunnel %s)", e.record.mountpoint,
-                     renewed.serial, renewed.cert_not_after.isoformat(), "reloaded" if renewed.reloaded else "not running")
+            siblings = self._siblings(e)
+            for o in (e, *siblings):
+                o.tracking = d.after_renewal(o.tracking, True, now, self.policy)
+                o.record = replace(o.record, cert_not_before=renewed.cert_not_before,
+                                   cert_not_after=renewed.cert_not_after, credential_expiry=renewed.credential_expiry)
+                if (self.state_dir / o.key).exists():
+                    state.save(self.state_dir, o.record)
+            shared = f", shared with {', '.join(o.record.mountpoint for o in siblings)}" if siblings else ""
+            log.info("renewed the certificate of %s (serial %x, valid until %s, tunnel %s%s)", e.record.mountpoint,
+                     renewed.serial, renewed.cert_not_after.isoformat(), "reloaded" if renewed.reloaded else "not running",
+                     shared)
+            for o in siblings:
+                self._evaluate(o)
         self._evaluate(e)
 
     def _do_unmount(self, e: Entry, action: d.Action) -> None:

@@ -376,3 +376,28 @@ def test_renewal_and_revocation_with_a_profile(state_dir, supervisors, tmp_path)
     wait_until(lambda: shown_state(state_dir, record) == d.CREDENTIALS_REVOKED, 15, "revoked")
     assert "profile:p" in read_status(mount_dir(record, state_dir)).reason
     assert "c2VjcmV0" not in (mount_dir(record, state_dir) / "supervisor.json").read_text()
+
+
+def test_one_renewal_serves_every_mount_of_a_shared_tunnel(state_dir, supervisors, tmp_path, caplog):
+    creds = tmp_path / "credentials"
+    creds.write_text("[p]\naws_access_key_id = AKIAEXAMPLEEXAMPLE12\naws_secret_access_key = c2VjcmV0c2VjcmV0\n")
+    environ = {"AWS_SHARED_CREDENTIALS_FILE": str(creds), "AWS_CONFIG_FILE": str(tmp_path / "none")}
+    issued = datetime.now(timezone.utc) - timedelta(hours=2)  # both due at once: the interval is an hour
+    first = make_mount(state_dir, "/mnt/iam-a", iam=True, credential_source="profile:p",
+                       cert_not_before=issued, cert_not_after=issued + timedelta(hours=3))
+    second = replace(first, mountpoint="/mnt/iam-b", files_created=[])  # joined first's tunnel
+    mount_dir(second, state_dir).mkdir(mode=0o700)
+    second = replace(second, files_created=[str(mount_dir(second, state_dir))])
+    state.save(state_dir, second)
+    table = Table()
+    table.mount("/mnt/iam-a", first.port)
+    table.mount("/mnt/iam-b", first.port)
+    caplog.set_level("INFO", logger="efsplug.supervisor")
+    supervisors(config_for(state_dir, tls_cert_renewal_interval_sec=3600), mount_reader=table, environ=environ)
+    wait_until(lambda: all(current(state_dir, r).cert_not_before != issued for r in (first, second)), 15,
+               "both records renewed")
+    renewals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("renewed the certificate")]
+    assert len(renewals) == 1, renewals
+    assert "shared with /mnt/iam-" in renewals[0]
+    assert current(state_dir, first).cert_not_after == current(state_dir, second).cert_not_after
+    assert current(state_dir, first).tunnel == first.tunnel  # reloaded in place

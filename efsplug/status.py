@@ -16,7 +16,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Tuple
 
 from efsplug import sharing, state
 from efsplug.agent.store import DEFAULT_STATE_PATH
@@ -55,11 +55,44 @@ class MountView:
     shares_process_with: Tuple[str, ...] = ()
 
 
-def view(record: MountRecord, mounts: List[KernelMount], state_dir: Path, supervisor_running: bool,
-         others: Tuple[MountRecord, ...] = ()) -> MountView:
-    """others: every other record, to name those sharing record's tunnel or its stunnel process."""
-    mounted = any(m.is_nfs and os.path.normpath(m.mountpoint) == os.path.normpath(record.mountpoint) for m in mounts)
-    users = ports_in_use(mounts).get(record.port, []) if record.port else []
+@dataclass(frozen=True)
+class Surroundings:
+    """What every record's view is read against, indexed once: status stays linear in the
+    number of mounts (the supervisor's host may have a thousand)."""
+
+    mounted: FrozenSet[str]  # normalised NFS mount points
+    port_users: Dict[int, List[str]]
+    by_tunnel: Dict[Tuple[int, str], List[MountRecord]]  # (port, tunnel config) -> its mounts
+    by_process: Dict[str, List[MountRecord]]  # shared stunnel process config -> its mounts
+
+    @classmethod
+    def of(cls, records: Iterable[MountRecord], mounts: Iterable[KernelMount]) -> "Surroundings":
+        mounts = list(mounts)
+        by_tunnel: Dict[Tuple[int, str], List[MountRecord]] = {}
+        by_process: Dict[str, List[MountRecord]] = {}
+        for r in records:
+            if r.port is not None and r.config_file is not None:
+                by_tunnel.setdefault((r.port, r.config_file), []).append(r)
+            if r.host_config is not None:
+                by_process.setdefault(r.host_config, []).append(r)
+        return cls(frozenset(os.path.normpath(m.mountpoint) for m in mounts if m.is_nfs), ports_in_use(mounts),
+                   by_tunnel, by_process)
+
+    def shares_tunnel_with(self, record: MountRecord) -> Tuple[str, ...]:
+        if record.port is None or record.config_file is None:
+            return ()
+        return tuple(sorted(r.mountpoint for r in sharing.siblings(record, self.by_tunnel[(record.port, record.config_file)])))
+
+    def shares_process_with(self, record: MountRecord) -> Tuple[str, ...]:
+        if record.host_config is None:
+            return ()
+        return tuple(sorted(r.mountpoint for r in self.by_process[record.host_config]
+                            if not sharing.same_tunnel(r, record)))
+
+
+def view(record: MountRecord, around: Surroundings, state_dir: Path, supervisor_running: bool) -> MountView:
+    mounted = os.path.normpath(record.mountpoint) in around.mounted
+    users = around.port_users.get(record.port, []) if record.port else []
     tunnel = Tunnel.from_identity(record.tunnel) if record.tunnel else None
     listening = bool(tunnel and record.port and listening_on(tunnel.pid, record.port))
     reported = read_status(mount_dir(record, state_dir)) if supervisor_running else None
@@ -83,19 +116,16 @@ def view(record: MountRecord, mounts: List[KernelMount], state_dir: Path, superv
         tunnel_alive=tunnel is not None, tunnel_listening=listening, access_point=record.access_point,
         credential_source=shown_source(record.credential_source), credential_expiry=iso(record.credential_expiry),
         cert_expiry=iso(record.cert_not_after), netns=record.netns,
-        shares_tunnel_with=tuple(sorted(r.mountpoint for r in sharing.siblings(record, others))),
-        shares_process_with=tuple(sorted(r.mountpoint for r in others if record.host_config is not None
-                                         and r.host_config == record.host_config and not sharing.same_tunnel(r, record))),
+        shares_tunnel_with=around.shares_tunnel_with(record), shares_process_with=around.shares_process_with(record),
     )
 
 
 def collect(state_dir: Path) -> Tuple[List[MountView], List[str]]:
     """Every usable record's view, and one line per record that is not (bad or quarantined)."""
     records, problems = state.load_all(state_dir)
-    mounts = read_mounts()
+    around = Surroundings.of(records, read_mounts())
     running = supervised(state_dir)
-    everyone = tuple(records)
-    views = [view(r, mounts, state_dir, running, everyone) for r in sorted(records, key=lambda r: r.mountpoint)]
+    views = [view(r, around, state_dir, running) for r in sorted(records, key=lambda r: r.mountpoint)]
     return views, bad_record_lines(problems, state.quarantined_files(state_dir))
 
 

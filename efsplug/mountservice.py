@@ -135,14 +135,16 @@ class MountService:
             if record.port is not None and mounted_through(record.mountpoint, record.port):
                 # Never for a mount the kernel has: its tunnel would go from under it.
                 why = f"{shown(record.mountpoint)} is mounted through port {record.port}"
-                _answer(conn, {"v": handoff.VERSION, "handled": True, "released": False, "why": why})
+            elif release(record, state_dir=state_dir, failed_mount=True):
+                log.info("released %s: mount.efs could not mount %s", name, shown(record.mountpoint))
+                _answer(conn, {"v": handoff.VERSION, "handled": True, "released": True})
                 return
-            released = release(record, state_dir=state_dir, failed_mount=True)
+            else:  # its port is held: the supervisor reaping it too, or a mount joining it
+                why = f"port {record.port} is in use by another efsplug process"
         except (EfsplugError, state.StateError) as exc:  # UnmountError is an EfsplugError
-            _answer(conn, {"v": handoff.VERSION, "handled": True, "released": False, "why": str(exc)})
-            return
-        # Not released: its port is held (the supervisor reaping it too, or a mount joining it).
-        _answer(conn, {"v": handoff.VERSION, "handled": True, "released": released})
+            why = str(exc)
+        log.warning("not releasing %s for mount.efs: %s", name, why)
+        _answer(conn, {"v": handoff.VERSION, "handled": True, "released": False, "why": why})
 
     def _prepare(self, conn: socket.socket, request: Dict[str, Any]) -> None:
         from efsplug.config import load_config

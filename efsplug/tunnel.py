@@ -334,32 +334,32 @@ class Tunnel:
                 return True
             except subprocess.TimeoutExpired:
                 return False
-        # No Popen of ours (found again from a record): a pidfd becomes readable when it
-        # exits. A zombie counts as gone; if it is our own child, it is reaped here.
+        # No Popen of ours (found again from a record): a pidfd becomes readable once the
+        # whole process has exited. Only that counts: stunnel is threaded, and its main
+        # thread shows as a zombie while the others still wind down, when waitpid cannot
+        # reap it yet (and nothing would later). If it is our own child, it is reaped here.
         try:
             fd = os.pidfd_open(self.identity.pid)
         except ProcessLookupError:
             return True
         try:
-            if self.identity.running():  # checked after opening: the fd is of this very process
-                ready, _, _ = select.select([fd], [], [], timeout)
-                if not ready and self.identity.running():
-                    return False
-            self._reap_if_ours()
+            if not self._same_process():  # checked after opening: the fd is of this very process
+                return True  # gone and reaped, the pid taken by another process since
+            ready, _, _ = select.select([fd], [], [], timeout)
+            if not ready:
+                return False
+            try:
+                os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG)  # exactly this process, never a reused pid
+            except ChildProcessError:
+                pass  # another process's child (or reaped already): its parent reaps it
             return True
         finally:
             os.close(fd)
 
-    def _reap_if_ours(self) -> None:
-        """waitpid the tunnel's zombie if this process started it (the agent's mounts): only
-        that zombie, identified by its start time, so no other child's status is taken."""
+    def _same_process(self) -> bool:
+        """The pid is still the tunnel's (running, exiting or a zombie): same start time."""
         found = procinfo.facts(self.identity.pid)
-        if found is None or not found.zombie or abs(found.create_time - self.identity.create_time) >= _CREATE_TIME_TOLERANCE:
-            return
-        try:
-            os.waitpid(self.identity.pid, os.WNOHANG)
-        except ChildProcessError:
-            pass  # another process's child: its parent reaps it
+        return found is not None and abs(found.create_time - self.identity.create_time) < _CREATE_TIME_TOLERANCE
 
 
 def _wait_listening(popen: "subprocess.Popen[bytes]", port: int, timeout: float, log: StartLog) -> None:

@@ -88,8 +88,14 @@ def nothing_running_left(bed: Bed) -> None:
     def stunnels() -> str:
         return bed.run(["sh", "-c", "ps -eo stat=,comm= | awk '$2 ~ /^stunnel/'"]).stdout
 
-    wait_until(lambda: stunnels() == "" and leftovers(bed)["state"] == ["supervisor.lock"], 15,
-               "no stunnel left (not even a zombie), and no state but the supervisor's lock")
+    try:
+        wait_until(lambda: stunnels() == "" and leftovers(bed)["state"] == ["supervisor.lock"], 15,
+                   "no stunnel left (not even a zombie), and no state but the supervisor's lock")
+    except TimeoutError as exc:
+        log = bed.run(["tail", "-n", "30", "/var/log/bed/efsplug-supervise.log"]).stdout
+        ps = bed.run(["sh", "-c", "cat /proc/[0-9]*/stat 2>/dev/null | grep -E 'stunnel|python'"]).stdout
+        raise AssertionError(f"{exc}: stunnel processes (stat, name): {stunnels()!r}; left: {leftovers(bed)}\n"
+                             f"the supervisor's log:\n{log}\nprocesses:\n{ps}") from None
     left = leftovers(bed)
     assert {k: v for k, v in left.items() if k != "state"} == {k: v for k, v in NOTHING_LEFT.items() if k != "state"}
 

@@ -535,3 +535,52 @@ def test_tunnel_in_a_network_namespace(tmp_path, ca, servers, tunnels, netns) ->
         client.close()
     tunnel.stop()
     assert not tunnel.alive()
+
+
+# A threaded process that exits the way stunnel can: on SIGTERM its main thread ends first
+# (its /proc entry shows a zombie) while another thread still winds down, then the rest.
+LEADER_FIRST = r"""
+import ctypes, os, signal, sys, threading
+libc = ctypes.CDLL(None, use_errno=True)
+release = threading.Event()
+def winding_down():
+    release.wait()
+    os.read(int(sys.argv[1]), 1)  # until the test says the main thread is seen as a zombie
+    os._exit(0)
+threading.Thread(target=winding_down).start()
+signal.signal(signal.SIGTERM, lambda *_: (release.set(), libc.syscall(60, 0)))  # SYS_exit: this thread only
+os.write(1, b"ready\n")
+signal.pause()
+"""
+
+
+def test_stop_reaps_a_threaded_tunnel_whose_main_thread_ends_first(tmp_path: Path) -> None:
+    """Found again from a record (no Popen), a child of ours is reaped only once every thread
+    is gone: a zombie main thread is not yet reapable, and nothing would reap it later."""
+    go_r, go_w = os.pipe()
+    os.set_inheritable(go_r, True)
+    out_r, out_w = os.pipe()
+    pid = os.posix_spawn(sys.executable, [sys.executable, "-c", LEADER_FIRST, str(go_r)], dict(os.environ),
+                         file_actions=[(os.POSIX_SPAWN_DUP2, out_w, 1)])
+    os.close(out_w)
+    try:
+        assert os.read(out_r, 16) == b"ready\n"
+        tunnel = Tunnel(TunnelIdentity.of(pid))
+        stopper = threading.Thread(target=tunnel.stop, kwargs={"timeout": 30})
+        stopper.start()
+        stat = Path(f"/proc/{pid}/stat")
+        wait_until(lambda: stat.read_text().rsplit(")", 1)[1].split()[0] == "Z", 10, "the main thread ended")
+        assert stopper.is_alive()  # the process still has a thread: not gone yet
+        os.write(go_w, b"x")
+        stopper.join(30)
+        assert not stopper.is_alive()
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # reaped by stop(): no zombie left
+    finally:
+        for fd in (go_r, go_w, out_r):
+            os.close(fd)
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass

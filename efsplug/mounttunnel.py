@@ -33,6 +33,10 @@ if TYPE_CHECKING:
 STUNNEL_NAMES = ("stunnel", "stunnel5", "stunnel4")
 KEY_FILE = "privateKey.pem"
 TUNNEL_LOG = "stunnel.log"  # stunnel's notices: why the mount target closed our connections
+# How long a new stunnel may take to listen. A stunnel that fails exits and is reported at
+# once, so this only bounds a hung one; a loaded host mounting many file systems at once
+# (20 in parallel on a busy one-CPU guest) has taken over 10 s, and failed mounts there.
+READY_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -143,7 +147,7 @@ def _new_tunnel(
                                           config.efsplug.tunnels_per_process, record, now(), undo)
                 tunnel = Tunnel.start(
                     spec, config_path=mount_dir / "stunnel.conf", stunnel_binary=binary,
-                    netns=request.netns, log_path=mount_dir / TUNNEL_LOG,
+                    netns=request.netns, log_path=mount_dir / TUNNEL_LOG, ready_timeout=READY_TIMEOUT,
                 )
             except (TunnelError, OSError) as exc:
                 raise MountFailure(f"TLS tunnel to {spec.connect_host} did not start: {exc}{_tunnel_hint(exc, spec)}") from None
@@ -163,7 +167,8 @@ def _hosted_tunnel(spec: TunnelSpec, mount_dir: Path, state_dir: Path, binary: s
     """The tunnel as a section of a shared stunnel process of its namespace (efsplug.tunnelhost)."""
     section = mount_dir / "stunnel.conf"
     atomic_write(section, render_service(spec).encode(), 0o600)
-    host, identity = tunnelhost.place(state_dir, netns, binary, capacity, spec.accept_port, section)
+    host, identity = tunnelhost.place(state_dir, netns, binary, capacity, spec.accept_port, section,
+                                      ready_timeout=READY_TIMEOUT)
     undo.callback(tunnelhost.remove, host, spec.accept_port)
     return replace(record, tunnel=identity, config_file=str(section), host_config=str(host.config),
                    version=state.HOSTED_VERSION, files_created=[str(mount_dir)], mount_time=when)

@@ -32,8 +32,8 @@ DEFAULT_SOCKET = "/run/efsplug/mount.sock"
 SOCKET_ENV = "EFSPLUG_MOUNT_SOCKET"
 MAX_MESSAGE = 64 * 1024
 VERSION = 1
-# The prepare step's own bounds (mount target 16 s, credentials 6 s, tunnel 10 s, ...) are
-# well inside this; past it the resident process is hung, and mount.efs goes it alone.
+# The prepare step's own bounds (mount target 16 s, credentials 6 s, tunnel 30 s, ...) are
+# inside this (52 s together); past it the resident process is hung, and mount.efs goes it alone.
 ANSWER_TIMEOUT = 60.0
 RELEASE_TIMEOUT = 15.0  # stopping one tunnel is bounded by 5 s; past this mount.efs undoes it itself
 CONNECT_TIMEOUT = 1.0

@@ -21,7 +21,7 @@ import shutil
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Iterable, List, Optional
+from typing import Callable, Iterable, List, Optional, Tuple
 
 from efsplug import ports, state
 from efsplug.state import MountRecord
@@ -43,9 +43,17 @@ def share_key(*, fs_id: str, access_point: Optional[str], region: str, netns: Op
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
 
 
+def tunnel_key(record: MountRecord) -> Optional[Tuple[int, str]]:
+    """The tunnel record's mount goes through: its port and config file; None without one."""
+    if record.port is None or record.config_file is None:
+        return None
+    return record.port, record.config_file
+
+
 def same_tunnel(a: MountRecord, b: MountRecord) -> bool:
     """a and b are served by one tunnel process (the same port and config file)."""
-    return a.port is not None and a.port == b.port and a.config_file is not None and a.config_file == b.config_file
+    key = tunnel_key(a)
+    return key is not None and key == tunnel_key(b)
 
 
 def siblings(record: MountRecord, records: Iterable[MountRecord]) -> List[MountRecord]:

@@ -71,17 +71,17 @@ class Surroundings:
         by_tunnel: Dict[Tuple[int, str], List[MountRecord]] = {}
         by_process: Dict[str, List[MountRecord]] = {}
         for r in records:
-            if r.port is not None and r.config_file is not None:
-                by_tunnel.setdefault((r.port, r.config_file), []).append(r)
+            tunnel = sharing.tunnel_key(r)
+            if tunnel is not None:
+                by_tunnel.setdefault(tunnel, []).append(r)
             if r.host_config is not None:
                 by_process.setdefault(r.host_config, []).append(r)
         return cls(frozenset(os.path.normpath(m.mountpoint) for m in mounts if m.is_nfs), ports_in_use(mounts),
                    by_tunnel, by_process)
 
     def shares_tunnel_with(self, record: MountRecord) -> Tuple[str, ...]:
-        if record.port is None or record.config_file is None:
-            return ()
-        return tuple(sorted(r.mountpoint for r in sharing.siblings(record, self.by_tunnel[(record.port, record.config_file)])))
+        together = self.by_tunnel.get(sharing.tunnel_key(record), [])
+        return tuple(sorted(r.mountpoint for r in sharing.siblings(record, together)))
 
     def shares_process_with(self, record: MountRecord) -> Tuple[str, ...]:
         if record.host_config is None:

@@ -67,9 +67,16 @@ class TunnelIdentity:
 
     def matches_pid(self, pid: int) -> bool:
         found = procinfo.facts(pid)
-        return (found is not None and not found.zombie
-                and abs(found.create_time - self.create_time) < _CREATE_TIME_TOLERANCE
-                and found.cmdline == self.cmdline)
+        return found is not None and not found.zombie and self._started_as(found) and found.cmdline == self.cmdline
+
+    def owns_pid(self) -> bool:
+        """True while the pid is still this process's, running, exiting or a zombie (the same
+        start time): until it is reaped, the pid cannot be reused."""
+        found = procinfo.facts(self.pid)
+        return found is not None and self._started_as(found)
+
+    def _started_as(self, found: procinfo.ProcessFacts) -> bool:
+        return abs(found.create_time - self.create_time) < _CREATE_TIME_TOLERANCE
 
 
 class StartLog:
@@ -343,7 +350,7 @@ class Tunnel:
         except ProcessLookupError:
             return True
         try:
-            if not self._same_process():  # checked after opening: the fd is of this very process
+            if not self.identity.owns_pid():  # checked after opening: the fd is of this very process
                 return True  # gone and reaped, the pid taken by another process since
             ready, _, _ = select.select([fd], [], [], timeout)
             if not ready:
@@ -355,11 +362,6 @@ class Tunnel:
             return True
         finally:
             os.close(fd)
-
-    def _same_process(self) -> bool:
-        """The pid is still the tunnel's (running, exiting or a zombie): same start time."""
-        found = procinfo.facts(self.identity.pid)
-        return found is not None and abs(found.create_time - self.identity.create_time) < _CREATE_TIME_TOLERANCE
 
 
 def _wait_listening(popen: "subprocess.Popen[bytes]", port: int, timeout: float, log: StartLog) -> None:

@@ -40,7 +40,7 @@ class Entry:
 
 
 class ActionsMixin:
-    """Needs from Supervisor: config, state_dir, policy, _clock, _environ, _entries, _mounts,
+    """Needs from Supervisor: config, state_dir, policy, _clock, _environ, _entries, _by_tunnel, _mounts,
     _evaluate, _forget, _record_current, _watch_tunnel, _watch_tunnel_off, _submit, _post."""
 
     def _do_restart_tunnel(self, e: Entry, action: d.Action) -> None:
@@ -76,7 +76,8 @@ class ActionsMixin:
 
     def _siblings(self, e: Entry) -> List[Entry]:
         """The other mounts through e's tunnel: they share its certificate file."""
-        return [o for o in self._entries.values() if o is not e and sharing.same_tunnel(o.record, e.record)]
+        keys = self._by_tunnel.get(sharing.tunnel_key(e.record), ())
+        return [self._entries[k] for k in keys if k != e.key and k in self._entries]
 
     def _do_renew_certificate(self, e: Entry, action: d.Action) -> None:
         # One renewal serves every mount of a shared tunnel (they share the credential source

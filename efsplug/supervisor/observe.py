@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Set, Tuple
 from efsplug.mounttable import KernelMount, ports_in_use
 from efsplug.state import MountRecord
 from efsplug.netns import netns_path
+from efsplug.sharing import tunnel_key
 from efsplug.supervisor import decisions as d
 from efsplug.supervisor import tunnels
 from efsplug.supervisor.actions import Entry
@@ -74,7 +75,7 @@ class ObserveMixin:
             if not (mount_dir(record, self.state_dir) / STATUS_FILE).exists():
                 e.shown = (d.OK, "")  # nothing to correct: an "ok" mount needs no status file
             self._entries[key] = e
-            tunnel = _tunnel_of(record)
+            tunnel = tunnel_key(record)
             if tunnel is not None:
                 self._by_tunnel.setdefault(tunnel, set()).add(key)
             self._watch_tunnel(e)
@@ -124,7 +125,7 @@ class ObserveMixin:
     def _forget(self, key: str) -> None:
         e = self._entries.pop(key, None)
         if e is not None:
-            tunnel = _tunnel_of(e.record)
+            tunnel = tunnel_key(e.record)
             users = self._by_tunnel.get(tunnel) if tunnel is not None else None
             if users is not None:
                 users.discard(key)
@@ -166,7 +167,7 @@ class ObserveMixin:
         mounted = os.path.normpath(r.mountpoint) in self._nfs
         # Other records using this tunnel keep it (and count its users); this record goes,
         # alone, when its own mount has gone.
-        together = self._by_tunnel.get(_tunnel_of(r), ())  # keyed as sharing.same_tunnel compares
+        together = self._by_tunnel.get(tunnel_key(r), ())
         shared = {os.path.normpath(self._entries[k].record.mountpoint) for k in together if k != e.key}
         users = tuple(self._ports.get(r.port, ())) if r.port and not shared else ()
         connected = False
@@ -183,8 +184,3 @@ class ObserveMixin:
         )
 
 
-def _tunnel_of(record: MountRecord) -> Optional[Tuple[int, str]]:
-    """The _by_tunnel key: what sharing.same_tunnel compares (port and config file)."""
-    if record.port is None or record.config_file is None:
-        return None
-    return record.port, record.config_file

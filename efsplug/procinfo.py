@@ -4,6 +4,11 @@ What TunnelIdentity needs on `mount.efs`'s own path, without importing psutil (a
 milliseconds of every mount). The start time is computed exactly as psutil computes
 Process.create_time() on Linux (boot time from /proc/stat plus the start tick over
 CLK_TCK), so identities taken here and by psutil compare equal.
+
+That wall-clock start time moves whenever the clock is stepped (chrony's makestep at
+boot, a VM resumed): the kernel's btime is the wall clock minus the time since boot, in
+whole seconds, so two processes can read it one second apart. What identifies a process
+is therefore its start in clock ticks since boot, within this boot (boot_id).
 """
 
 from __future__ import annotations
@@ -14,11 +19,13 @@ from typing import Optional, Tuple
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _boot_time: Optional[float] = None
+_boot_id: Optional[str] = None
 
 
 @dataclass(frozen=True)
 class ProcessFacts:
-    create_time: float
+    create_time: float  # wall clock: for ages and display, never for identity
+    start_ticks: int  # clock ticks from boot to the process's start: no clock step moves it
     cmdline: Tuple[str, ...]
     zombie: bool
 
@@ -36,6 +43,19 @@ def boot_time() -> float:
     return _boot_time
 
 
+def boot_id() -> str:
+    """This boot's random id (empty if the kernel has none): start ticks compare only within one boot."""
+    global _boot_id
+    if _boot_id is None:
+        try:
+            with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+                text = f.read(64).decode("ascii", "replace").strip()
+        except OSError:
+            text = ""
+        _boot_id = text if all(c in "0123456789abcdef-" for c in text) else ""
+    return _boot_id
+
+
 def facts(pid: int) -> Optional[ProcessFacts]:
     """None if no such process (or it vanished while being read)."""
     try:
@@ -51,4 +71,7 @@ def facts(pid: int) -> Optional[ProcessFacts]:
     if raw.endswith(b"\0"):
         raw = raw[:-1]
     cmdline = tuple(os.fsdecode(arg) for arg in raw.split(b"\0")) if raw else ()
-    return ProcessFacts(create_time=boot_time() + start_ticks / _CLK_TCK, cmdline=cmdline, zombie=state == b"Z")
+    return ProcessFacts(
+        create_time=boot_time() + start_ticks / _CLK_TCK, start_ticks=start_ticks, cmdline=cmdline,
+        zombie=state == b"Z",
+    )

@@ -40,6 +40,7 @@ MAX_RECORD_BYTES = 64 * 1024
 _MAX_DEPTH = 8  # a record nests 3 deep (record > tunnel > cmdline)
 _MAX_NUMBER_CHARS = 32  # pids, ports, versions and times; a longer number is no record's
 _MAX_CMDLINE = 64
+_BOOT_ID = re.compile(r"[0-9a-f-]{1,64}")  # /proc/sys/kernel/random/boot_id: a UUID
 PID_MAX = 1 << 22  # the kernel's PID_MAX_LIMIT: no pid is larger
 _TIME_RANGE = (datetime(1970, 1, 1, tzinfo=timezone.utc), datetime(9000, 1, 1, tzinfo=timezone.utc))
 _STRING_OR_ESCAPE = re.compile(rb'"(?:[^"\\]|\\.)*"')
@@ -297,7 +298,10 @@ def to_dict(record: MountRecord) -> Dict[str, Any]:
 
 def identity_dict(identity: TunnelIdentity) -> Dict[str, Any]:
     """A TunnelIdentity as JSON takes it (parse_identity reads it back)."""
-    return {"pid": identity.pid, "create_time": identity.create_time, "cmdline": list(identity.cmdline)}
+    data: Dict[str, Any] = {"pid": identity.pid, "create_time": identity.create_time, "cmdline": list(identity.cmdline)}
+    if identity.start_ticks is not None and identity.boot_id is not None:
+        data.update(start_ticks=identity.start_ticks, boot_id=identity.boot_id)
+    return data
 
 
 def from_dict(data: object) -> MountRecord:
@@ -354,7 +358,18 @@ def parse_identity(value: object) -> Optional[TunnelIdentity]:
         raise StateError(f"tunnel create_time must be a time in seconds, got {shown(create_time)}")
     if not isinstance(cmdline, list) or len(cmdline) > _MAX_CMDLINE or not all(_is_path_text(a) for a in cmdline):
         raise StateError("tunnel cmdline must be a list of strings")
-    return TunnelIdentity(pid=pid, create_time=float(create_time), cmdline=tuple(cmdline))
+    # Both or neither: records written before they existed compare by create_time.
+    start_ticks, boot_id = value.get("start_ticks"), value.get("boot_id")
+    if (start_ticks is None) != (boot_id is None):
+        raise StateError("tunnel start_ticks and boot_id go together; one is missing")
+    if start_ticks is not None:
+        if not isinstance(start_ticks, int) or isinstance(start_ticks, bool) or not 0 <= start_ticks < 2**63:
+            raise StateError(f"tunnel start_ticks must be a count of clock ticks, got {shown(start_ticks)}")
+        if not isinstance(boot_id, str) or not _BOOT_ID.fullmatch(boot_id):
+            raise StateError(f"tunnel boot_id must be a boot id like the kernel's, got {shown(boot_id)}")
+    return TunnelIdentity(
+        pid=pid, create_time=float(create_time), cmdline=tuple(cmdline), start_ticks=start_ticks, boot_id=boot_id,
+    )
 
 
 def _is_path_text(value: object) -> bool:

@@ -44,8 +44,11 @@ class TunnelIdentity:
     """Who the tunnel process is; a pid alone may since belong to another process."""
 
     pid: int
-    create_time: float
+    create_time: float  # wall clock; compared only for records that predate start_ticks
     cmdline: Tuple[str, ...]
+    # The start in clock ticks since boot, and that boot: what no clock step can move.
+    start_ticks: Optional[int] = None
+    boot_id: Optional[str] = None
 
     @classmethod
     def of(cls, pid: int) -> "TunnelIdentity":
@@ -55,7 +58,10 @@ class TunnelIdentity:
             import psutil  # only on this failure: mount.efs's own path never needs psutil
 
             raise psutil.NoSuchProcess(pid)
-        return cls(pid=pid, create_time=found.create_time, cmdline=found.cmdline)
+        return cls(
+            pid=pid, create_time=found.create_time, cmdline=found.cmdline,
+            start_ticks=found.start_ticks, boot_id=procinfo.boot_id() or None,
+        )
 
     def matches(self, process: "psutil.Process") -> bool:
         """True if process is the very process this identity was taken from."""
@@ -76,6 +82,8 @@ class TunnelIdentity:
         return found is not None and self._started_as(found)
 
     def _started_as(self, found: procinfo.ProcessFacts) -> bool:
+        if self.start_ticks is not None and self.boot_id is not None:
+            return self.boot_id == procinfo.boot_id() and found.start_ticks == self.start_ticks
         return abs(found.create_time - self.create_time) < _CREATE_TIME_TOLERANCE
 
 

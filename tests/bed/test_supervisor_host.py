@@ -210,7 +210,7 @@ def test_pid_reuse_cannot_fool_it(state_dir, supervisors):
     Tunnel.from_identity(record.tunnel).stop()
     impostor = procs.start("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"], tag=procs.new_tag())
     try:
-        fake = TunnelIdentity(impostor.pid, record.tunnel.create_time, record.tunnel.cmdline)
+        fake = replace(record.tunnel, pid=impostor.pid)
         record = replace(record, tunnel=fake)
         state.save(state_dir, record)
         table.mount("/mnt/reuse", record.port)

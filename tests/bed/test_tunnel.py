@@ -7,6 +7,7 @@ connection so the tests can see what stunnel actually sent.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -32,6 +33,7 @@ from cryptography.x509.oid import NameOID
 
 from efsbed.ca import BedCA
 from efsbed.procs import wait_until
+from efsplug import state
 from efsplug.ports import PortReservation, port_is_listening, reserve_port
 from efsplug.stunnel import TunnelSpec
 from efsplug.netns import CLONE_NEWNET, setns_function
@@ -376,9 +378,11 @@ def test_identity_refuses_a_recycled_pid(tmp_path, ca, servers, tunnels, port) -
     real = tunnel.identity
     assert real.cmdline == (shutil.which(STUNNEL), str(tmp_path / f"stunnel-{port.port}.conf"))
 
-    older = TunnelIdentity(real.pid, real.create_time - 3600, real.cmdline)
-    other_program = TunnelIdentity(real.pid, real.create_time, ("/usr/bin/stunnel4", "/other.conf"))
-    for fake in (older, other_program):
+    assert real.start_ticks is not None
+    older = dataclasses.replace(real, start_ticks=real.start_ticks - 360000)
+    older_record = TunnelIdentity(real.pid, real.create_time - 3600, real.cmdline)  # written before start_ticks
+    other_program = dataclasses.replace(real, cmdline=("/usr/bin/stunnel4", "/other.conf"))
+    for fake in (older, older_record, other_program):
         assert Tunnel.from_identity(fake) is None
         impostor = Tunnel(fake)
         assert not impostor.alive()
@@ -398,17 +402,18 @@ def test_tunnel_outlives_the_process_that_started_it(tmp_path, ca, servers, port
     script = (
         "import json, sys\n"
         "from efsplug.stunnel import TunnelSpec\n"
+        "from efsplug import state\n"
         "from efsplug.tunnel import Tunnel\n"
         f"t = Tunnel.start(TunnelSpec(**{spec.__dict__!r}), config_path={str(tmp_path / 'c.conf')!r},"
         f" stunnel_binary={STUNNEL!r})\n"
-        "i = t.identity\n"
-        "print(json.dumps([i.pid, i.create_time, list(i.cmdline)]))\n"
+        "print(json.dumps(state.identity_dict(t.identity)))\n"
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30,
                          cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 0, out.stderr
-    pid, create_time, cmdline = json.loads(out.stdout)
-    identity = TunnelIdentity(pid, create_time, tuple(cmdline))
+    identity = state.parse_identity(json.loads(out.stdout))  # as a record carries it between processes
+    assert identity is not None
+    pid = identity.pid
     found = Tunnel.from_identity(identity)
     try:
         assert found is not None and found.alive()

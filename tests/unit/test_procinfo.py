@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -15,11 +16,52 @@ from efsplug.tunnel import TunnelIdentity
 
 @pytest.mark.parametrize("pid", [1, os.getpid()])
 def test_start_time_and_command_line_equal_psutil(pid: int) -> None:
-    found = procinfo.facts(pid)
+    # psutil adds the boot time it read last; read it afresh so both sides use one reading
+    # of btime, which a clock step can move by a second between two reads.
+    psutil_boot = psutil.boot_time()
     process = psutil.Process(pid)
+    found = procinfo.facts(pid)
     assert found is not None and not found.zombie
-    assert found.create_time == pytest.approx(process.create_time(), abs=0.005)
+    ticks = os.sysconf("SC_CLK_TCK")
+    assert found.start_ticks / ticks == pytest.approx(process.create_time() - psutil_boot, abs=0.005)
+    assert found.create_time == pytest.approx(procinfo.boot_time() + found.start_ticks / ticks, abs=1e-6)
     assert list(found.cmdline) == process.cmdline()
+
+
+def test_boot_id_is_the_kernels() -> None:
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        assert procinfo.boot_id() == f.read().strip() != ""
+
+
+def test_an_identity_survives_a_clock_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """btime moves when the wall clock is stepped (the CI failure: two reads one second
+    apart); an identity taken before the step must still name its process after it."""
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        identity = TunnelIdentity.of(child.pid)
+        monkeypatch.setattr(procinfo, "_boot_time", procinfo.boot_time() + 1.0)
+        assert abs(TunnelIdentity.of(child.pid).create_time - identity.create_time - 1.0) < 1e-6
+        assert identity.running() and identity.owns_pid()
+        recycled = dataclasses.replace(identity, start_ticks=identity.start_ticks + 1)
+        assert not recycled.running() and not recycled.owns_pid()
+        other_boot = dataclasses.replace(identity, boot_id="00000000-0000-0000-0000-000000000000")
+        assert not other_boot.running()
+    finally:
+        child.stdin.close()
+        child.wait()
+
+
+def test_an_identity_without_start_ticks_compares_by_create_time() -> None:
+    """Records written before start_ticks existed still name their tunnel."""
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        taken = TunnelIdentity.of(child.pid)
+        old = TunnelIdentity(child.pid, taken.create_time, taken.cmdline)
+        assert old.running()
+        assert not TunnelIdentity(child.pid, taken.create_time + 1.0, taken.cmdline).running()
+    finally:
+        child.stdin.close()
+        child.wait()
 
 
 def test_an_identity_taken_here_matches_psutil_and_a_restart_does_not() -> None:
@@ -27,7 +69,7 @@ def test_an_identity_taken_here_matches_psutil_and_a_restart_does_not() -> None:
     try:
         identity = TunnelIdentity.of(child.pid)
         assert identity.matches(psutil.Process(child.pid)) and identity.running()
-        other = TunnelIdentity(child.pid, identity.create_time + 1.0, identity.cmdline)  # a recycled pid
+        other = dataclasses.replace(identity, start_ticks=identity.start_ticks + 100)  # a recycled pid
         assert not other.running()
     finally:
         child.stdin.close()

@@ -25,7 +25,8 @@ def record(**over: object) -> MountRecord:
         mountpoint="/mnt/efs",
         path="/data",
         port=20050,
-        tunnel=TunnelIdentity(pid=4321, create_time=1714564800.53, cmdline=("/usr/bin/stunnel4", "/run/efs/x.conf")),
+        tunnel=TunnelIdentity(pid=4321, create_time=1714564800.53, cmdline=("/usr/bin/stunnel4", "/run/efs/x.conf"),
+                              start_ticks=123456, boot_id="6300745a-bf2a-4381-a2bd-a23538b15a8d"),
         config_file="/run/efs/x.conf",
         files_created=["/run/efs/x.conf", "/run/efs/fs-0123456789abcdef0+/certificate.pem"],
         credential_source="awscredsuri:/v2/credentials/abc",
@@ -157,6 +158,10 @@ def test_corrupt_file_is_reported_not_fatal(tmp_path: Path) -> None:
         (lambda d: d["tunnel"].update(pid=-1), "pid"),
         (lambda d: d["tunnel"].update(create_time="soon"), "create_time"),
         (lambda d: d["tunnel"].update(cmdline="stunnel"), "cmdline"),
+        (lambda d: d["tunnel"].pop("boot_id"), "start_ticks and boot_id go together"),
+        (lambda d: d["tunnel"].update(start_ticks=-1), "start_ticks"),
+        (lambda d: d["tunnel"].update(start_ticks=1.5), "start_ticks"),
+        (lambda d: d["tunnel"].update(boot_id="x\n[y]"), "boot_id"),
         (lambda d: d.update(tunnel=5), "tunnel"),
         (lambda d: d.update(region=3), "region"),
     ],
@@ -169,6 +174,16 @@ def test_malformed_fields_reported_with_file_name(tmp_path: Path, mutate, messag
     with pytest.raises(StateError, match=message) as err:
         state.load(path)
     assert str(path) in str(err.value)
+
+
+def test_a_record_written_before_start_ticks_still_loads(tmp_path: Path) -> None:
+    data = state.to_dict(record())
+    del data["tunnel"]["start_ticks"], data["tunnel"]["boot_id"]
+    path = tmp_path / "fs-0123456789abcdef0.mnt-efs.20050.json"
+    path.write_text(json.dumps(data))
+    tunnel = state.load(path).tunnel
+    assert tunnel is not None and tunnel.start_ticks is None and tunnel.boot_id is None
+    assert tunnel.create_time == 1714564800.53
 
 
 def test_future_version_reported_and_left_alone(tmp_path: Path) -> None:

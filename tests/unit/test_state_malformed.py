@@ -25,7 +25,8 @@ from efsplug.tunnel import TunnelIdentity
 
 GOOD: Dict[str, Any] = state.to_dict(MountRecord(
     fs_id="fs-0123456789abcdef0", mountpoint="/mnt/efs", port=20050, tls=True, config_file="/run/efs/x/stunnel.conf",
-    tunnel=TunnelIdentity(pid=4321, create_time=1714564800.53, cmdline=("/usr/bin/stunnel", "/run/efs/x/stunnel.conf")),
+    tunnel=TunnelIdentity(pid=4321, create_time=1714564800.53, cmdline=("/usr/bin/stunnel", "/run/efs/x/stunnel.conf"),
+                          start_ticks=123456, boot_id="6300745a-bf2a-4381-a2bd-a23538b15a8d"),
     mount_time=datetime(2024, 5, 1, tzinfo=timezone.utc), files_created=["/run/efs/x"]))
 
 json_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=30))
@@ -43,7 +44,7 @@ def mutated_records(draw) -> bytes:
     for _ in range(draw(st.integers(1, 4))):
         where = draw(st.sampled_from(["top", "tunnel"]))
         target = data if where == "top" or not isinstance(data.get("tunnel"), dict) else data["tunnel"]
-        key = draw(st.sampled_from(sorted(target) + ["version", "pid", "create_time", "cmdline", "extra"]))
+        key = draw(st.sampled_from(sorted(target) + ["version", "pid", "create_time", "cmdline", "start_ticks", "boot_id", "extra"]))
         target[key] = draw(field_values)
     # Lone surrogates travel as \\ud800 escapes (ensure_ascii) or as raw, invalid UTF-8.
     return json.dumps(data, ensure_ascii=draw(st.booleans())).encode("utf-8", "surrogatepass")
@@ -99,6 +100,8 @@ def test_any_bytes_give_a_record_or_a_state_error(tmp_path: Path, raw: bytes) ->
     (json.dumps({**GOOD, "tunnel": {**GOOD["tunnel"], "create_time": -5}}).encode(), "create_time"),
     (json.dumps({**GOOD, "tunnel": {**GOOD["tunnel"], "create_time": 1e308 * 10}}).encode(), "number"),
     (json.dumps({**GOOD, "tunnel": {**GOOD["tunnel"], "cmdline": ["x"] * 65}}).encode(), "cmdline"),
+    (json.dumps({**GOOD, "tunnel": {**GOOD["tunnel"], "start_ticks": 2**63}}).encode(), "start_ticks"),
+    (json.dumps({**GOOD, "tunnel": {**GOOD["tunnel"], "boot_id": "a" * 65}}).encode(), "boot_id"),
     (json.dumps({**GOOD, "mountpoint": "/mnt/\ud800"}).encode(), "mountpoint"),
     (json.dumps({**GOOD, "cert_not_after": "9999-12-31T23:59:59+00:00"}).encode(), "out of range"),
     (json.dumps({**GOOD, "mount_time": "0001-01-01T00:00:00+01:00"}).encode(), "mount_time"),

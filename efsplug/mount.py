@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, List, Mapping, Optional, Tuple
@@ -24,6 +24,7 @@ from efsplug.mounttunnel import Identity, start_tunnel, tunnel_log_path, tunnel_
 from efsplug.netns import check_namespace
 from efsplug.nfs import NfsMount, finish_mount as finish_nfs_mount
 from efsplug.options import MountRequest, nfs_device, nfs_mount_options, validate_region
+from efsplug.optionvalues import check_printable
 from efsplug.resolve import MountTarget, locate_mount_target
 
 
@@ -98,7 +99,7 @@ def prepare_mount(
     by mount.efs itself, or for it by a resident efsplug (efsplug.handoff), which keeps
     imports and the private key warm.
     """
-    _check_preconditions(request)
+    request = _checked(request)
     imds = InstanceMetadata.from_environment(environ)
     with timings.phase("resolve"):
         region = find_region(request, config, environ, imds)
@@ -164,13 +165,22 @@ def _crossaccount_az_id(config: Config, imds: InstanceMetadata) -> str:
         ) from None
 
 
-def _check_preconditions(request: MountRequest) -> None:
+def _checked(request: MountRequest) -> MountRequest:
+    """request, runnable here, with its mount point as the kernel's table will name it."""
     if os.geteuid() != 0:
         raise MountFailure("mount.efs must run as root; use sudo")
     if request.mountpoint and not os.path.isdir(request.mountpoint):
         raise MountFailure(f"mount point {shown(request.mountpoint)} is not a directory; create it with mkdir -p")
     if request.netns:
         check_namespace(request.netns)
+    if request.mountpoint:
+        # The kernel records the resolved path, as mount(8) passes it; a record naming a
+        # symlink would not match its own mount, and the supervisor would think it gone.
+        real = os.path.realpath(request.mountpoint)
+        if real != request.mountpoint:
+            check_printable("mount point", real)
+            request = replace(request, mountpoint=real)
+    return request
 
 
 def identity_for(request: MountRequest, environ: Mapping[str, str], region: str) -> Identity:

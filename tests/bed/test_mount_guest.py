@@ -8,6 +8,7 @@ expected access key id and access point. Each test unmounts what it mounted; the
 
 from __future__ import annotations
 
+import json
 import secrets
 
 import pytest
@@ -15,8 +16,8 @@ import pytest
 from efsbed.bed import MT_IPV6, REPO, Bed
 from efsplug.credentials import detail_tag
 from efsbed.guestmount import (
-    NOTHING_LEFT, accepted_as, leftovers, guest_config, guest_file, mount, mount_of, new_connections, profile_text,
-    record_for, records, sh, write_and_find,
+    NOTHING_LEFT, accepted_as, leftovers, guest_config, guest_file, kernel_mounts, mount, mount_of, new_connections,
+    profile_text, record_for, records, sh, write_and_find,
 )
 
 pytestmark = pytest.mark.guest
@@ -130,6 +131,26 @@ def test_iam_access_point_mount_at_a_long_or_unusual_mount_point(bed: Bed, clean
     with mount_of(bed, mountpoint, f"tls,iam,accesspoint={ap.id}"):
         write_and_find(bed, mountpoint, ap.export_dir)
         assert record_for(bed, mountpoint)["access_point"] == ap.id
+
+
+def test_mount_efs_run_directly_on_a_symlink_records_the_kernels_mount_point(bed: Bed, clean_guest: Bed) -> None:
+    """mount(8) resolves a symlinked mount point before it runs the helper; a caller that runs
+    mount.efs itself need not. The record must name what the kernel's table names: otherwise
+    status and the supervisor take the live mount for one that is gone."""
+    sh(bed, "mkdir -p /mnt/real-target && ln -sfn /mnt/real-target /mnt/via-link", timeout=30)
+    try:
+        res = bed.run(["/sbin/mount.efs", bed.fs_id, "/mnt/via-link", "-o", "tls"], timeout=90)
+        assert res.rc == 0, res
+        assert "/mnt/real-target" in kernel_mounts(bed)
+        try:
+            assert record_for(bed, "/mnt/real-target")["tls"] is True
+            write_and_find(bed, "/mnt/via-link", bed.export_dir)
+            (view,) = json.loads(bed.run([str(EFSPLUG), "status", "--json"]).stdout)
+            assert (view["mountpoint"], view["mounted"]) == ("/mnt/real-target", True), view
+        finally:
+            assert bed.run(["umount", "/mnt/real-target"], timeout=60).rc == 0
+    finally:
+        sh(bed, "rm -f /mnt/via-link", timeout=30)
 
 
 def test_accesspoint_without_iam(bed: Bed, clean_guest: Bed) -> None:

@@ -314,6 +314,17 @@ def test_mount_point_missing(host: Host) -> None:
     nothing_left(host)
 
 
+def test_mount_point_through_a_symlink_to_an_unprintable_name(host: Host) -> None:
+    """The resolved path is what the record and the kernel keep: it is checked as the given one is."""
+    target = Path(host.mnt) / "evil\nname"
+    target.mkdir()
+    (Path(host.mnt) / "link").symlink_to(target)
+    res = host.run([FS, host.mnt + "/link", "-o", "tls,mounttargetip=127.0.0.1"])
+    refused(res, 1, "mount point")
+    assert "contains a control or non-printable character; remove it" in res.stderr
+    nothing_left(host)
+
+
 def test_crossaccount_without_instance_metadata(host: Host) -> None:
     """crossaccount names the target by this instance's AZ id; without IMDS there is none to use."""
     res = host.run(mount_args(host, "tls,crossaccount"))

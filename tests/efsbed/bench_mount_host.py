@@ -245,12 +245,15 @@ class HostBench:
                 f"mount.efs of tunnel {count}, ms": added[-1]}
 
     def one_process(self, count: int) -> Dict[str, float]:
-        """For comparison, not what efsplug runs: one stunnel serving count tunnels as sections."""
-        def pss(pid: int) -> int:
+        """For comparison, not what efsplug runs: one stunnel serving count tunnels as sections;
+        and the anonymous memory of a stunnel with one section, which no other process
+        shares: the least a process per tunnel can cost, whatever its config."""
+        def pss(pid: int, field: str = "Pss:") -> int:
             with open(f"/proc/{pid}/smaps_rollup") as f:
-                return next(int(l.split()[1]) for l in f if l.startswith("Pss:"))
+                return next(int(l.split()[1]) for l in f if l.startswith(field))
 
         found = {}
+        anon = 0
         for n in (1, count):
             conf = self.root / f"multi-{n}.conf"
             conf.write_text("foreground = yes\npid =\n" + "".join(
@@ -263,11 +266,14 @@ class HostBench:
                         raise RuntimeError("the one-process stunnel exited")
                     time.sleep(0.001)
                 found[n] = pss(proc.pid)
+                if n == 1:
+                    anon = pss(proc.pid, "Pss_Anon:")
             finally:
                 proc.kill()
                 proc.wait()
         return {f"one stunnel with {count} sections (comparison): PSS per additional section, KiB":
-                (found[count] - found[1]) / (count - 1)}
+                (found[count] - found[1]) / (count - 1),
+                "one stunnel, one section: anonymous PSS (its own heap and relocations), KiB": anon}
 
 
 def _inner(args: argparse.Namespace) -> None:

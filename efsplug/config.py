@@ -92,7 +92,7 @@ class ClientInfoConfig:
 
 @dataclass(frozen=True)
 class CloudWatchLogConfig:
-    """Where mount.efs and the agent send their events when enabled (efsplug/cloudwatch.py ships them)."""
+    """Where mount.efs and the agent send their events when enabled (efsplug/logsink.py ships them)."""
 
     enabled: bool = False
     log_group_name: str = "/aws/efs/utils"

@@ -15,7 +15,7 @@ TYPE_CHECKING = False  # typing is not imported at run time: mount.efs pays for 
 if TYPE_CHECKING:
     from typing import List, Optional
 
-    from efsplug.cloudwatch import LogSink
+    from efsplug.logsink import LogSink
     from efsplug.config import Config
     from efsplug.options import MountRequest
 
@@ -173,7 +173,7 @@ def _start_sink(request: MountRequest, config: Config) -> Optional[LogSink]:
     if not config.cloudwatch_log.enabled or request.fake:
         return None
     try:
-        from efsplug.cloudwatch import start_sink
+        from efsplug.logsink import start_sink
 
         return start_sink(config, fs_id=request.fs_id, region=request.region, profile=request.awsprofile)
     except Exception as exc:  # never let log shipping change a mount's outcome

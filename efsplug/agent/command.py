@@ -26,7 +26,8 @@ from efsplug.agent.reconcile import reconcile
 from efsplug.agent.server import AgentServer, RequestLog, bind_socket
 from efsplug.sdnotify import notify
 from efsplug.agent.store import DEFAULT_STATE_PATH, Store
-from efsplug.cloudwatch import AGENT_LOG, FLUSH_TIMEOUT, LogSink, SinkHandler, start_sink
+from efsplug.cloudwatch import AGENT_LOG
+from efsplug.logsink import FLUSH_TIMEOUT, LogSink, SinkHandler, start_sink
 from efsplug.config import load_config
 from efsplug.errors import EfsplugError
 from efsplug.fsutil import leftover_temp_files
@@ -122,7 +123,7 @@ def stop_supervisor(supervisor: Optional["Supervisor"]) -> None:
 
 # ---- CLOUDWATCH LOGS -------------------------------------------------------------------
 # [cloudwatch-log] enabled = true: each request's log line and the supervisor's actions also
-# go to CloudWatch Logs, through one bounded queue and thread (efsplug/cloudwatch.py), to
+# go to CloudWatch Logs, through one bounded queue and thread (efsplug/logsink.py), to
 # the stream "<instance-id> - efsplug-agent.log". Read at start: a change needs a restart.
 def start_cloudwatch(args: argparse.Namespace) -> Optional[LogSink]:
     config = load_config(args.config).config

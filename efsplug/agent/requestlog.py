@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Optional, TextIO
 from efsplug.agent.plugin import Answer
 
 if TYPE_CHECKING:
-    from efsplug.cloudwatch import LogSink
+    from efsplug.logsink import LogSink
 
 MAX_FIELD = 200  # characters of a path or volume name in a line, escapes included
 MAX_ERR = 500

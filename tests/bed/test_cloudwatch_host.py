@@ -25,6 +25,7 @@ from efsbed.agent_harness import EFSPLUG, PluginClient
 from efsbed.aws import DUMMY_ENV, MotoServer, client
 from efsbed.bed import MOUNT_EFS
 from efsplug import cloudwatch as cw
+from efsplug import logsink
 from efsplug.config import parse_config
 
 REGION = "eu-west-1"
@@ -118,7 +119,7 @@ def test_events_arrive_with_the_retention_policy(moto: MotoServer, monkeypatch: 
     config = parse_config(f"[mount]\nregion = {REGION}\n[cloudwatch-log]\nenabled = true\n"
                           f"log_group_name = {template}\nretention_in_days = 30\n").config
     env = {"AWS_ENDPOINT_URL_LOGS": moto.endpoint_url, "AWS_EC2_METADATA_DISABLED": "true"}
-    sink = cw.start_sink(config, fs_id=FS, environ=env)
+    sink = logsink.start_sink(config, fs_id=FS, environ=env)
     assert sink is not None
     sink.emit("first line")
     sink.emit("awscredsuri=" + CREDS)
@@ -135,7 +136,7 @@ def test_a_stalled_endpoint_does_not_hold_the_sink_beyond_its_bound(monkeypatch:
         monkeypatch.setenv(key, value)
     config = parse_config(f"[mount]\nregion = {REGION}\n[cloudwatch-log]\nenabled = true\n").config
     with StalledEndpoint() as stalled:
-        sink = cw.start_sink(config, fs_id=FS, environ={"AWS_ENDPOINT_URL_LOGS": stalled.url,
+        sink = logsink.start_sink(config, fs_id=FS, environ={"AWS_ENDPOINT_URL_LOGS": stalled.url,
                                                         "AWS_EC2_METADATA_DISABLED": "true"})
         assert sink is not None
         sink.emit("Successfully mounted")
@@ -192,7 +193,7 @@ def test_mount_with_cloudwatch_unreachable_keeps_its_exit_code(tmp_path: Path) -
         r"mount\.efs: warning: CloudWatch Logs: 1 of 1 event not delivered( to .*)? \((no answer within 3 s "
         r"\((setup|CreateLogGroup) in progress\)|CreateLogGroup: no answer from 127\.0\.0\.1:\d+ \(ReadTimeoutError\))\);"
         r" the mount is not affected", lines[1]), lines[1]
-    assert took < cw.FLUSH_TIMEOUT + 5, took  # the bounded flush, plus the process's own start
+    assert took < logsink.FLUSH_TIMEOUT + 5, took  # the bounded flush, plus the process's own start
     assert "7d1c5e0f" not in res.stderr
 
 

@@ -8,7 +8,7 @@ import socketserver
 from pathlib import Path
 
 from efsplug.agent import command
-from efsplug.cloudwatch import FLUSH_TIMEOUT
+from efsplug.logsink import FLUSH_TIMEOUT
 from efsplug.supervisor.runner import Supervisor
 
 UNIT = Path(__file__).resolve().parents[2] / "systemd" / "amazon-ecs-volume-plugin.service"

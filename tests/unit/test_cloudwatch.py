@@ -1,4 +1,4 @@
-"""efsplug.cloudwatch without a network: names, messages, redaction, batches, errors, and the
+"""efsplug.cloudwatch and efsplug.logsink without a network: names, messages, redaction, batches, errors, and the
 sink's thread driven by a scripted client (no process, no socket)."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from botocore.exceptions import ClientError, EndpointConnectionError, NoCredenti
 from hypothesis import given, strategies as st
 
 from efsplug import cloudwatch as cw
+from efsplug import logsink
 from efsplug.config import parse_config
 from efsplug.options import parse_mount_args
 
@@ -242,8 +243,8 @@ class FakeLogs:
         return [e["message"] for name, p in self.accepted if name == "PutLogEvents" for e in p["logEvents"]]
 
 
-def sink_with(client: FakeLogs, **kw: Any) -> cw.LogSink:
-    return cw.LogSink(lambda: DEST, lambda d: client, **kw).start()
+def sink_with(client: FakeLogs, **kw: Any) -> logsink.LogSink:
+    return logsink.LogSink(lambda: DEST, lambda d: client, **kw).start()
 
 
 def test_sink_bootstraps_then_delivers_in_order() -> None:
@@ -260,7 +261,7 @@ def test_sink_bootstraps_then_delivers_in_order() -> None:
 
 def test_no_retention_policy_call_without_retention_days() -> None:
     client = FakeLogs()
-    sink = cw.LogSink(lambda: cw.Destination("us-east-1", "g", "s"), lambda d: client).start()
+    sink = logsink.LogSink(lambda: cw.Destination("us-east-1", "g", "s"), lambda d: client).start()
     sink.emit("x")
     sink.close(10)
     assert client.names() == ["CreateLogGroup", "CreateLogStream", "PutLogEvents"]
@@ -333,7 +334,7 @@ def test_a_failed_put_is_lost_then_delivery_resumes_after_backoff() -> None:
     assert client.messages() == ["two"]
     assert (report.sent, report.lost) == (1, 1)
     assert heard == ["CloudWatch Logs: PutLogEvents: no answer from 127.0.0.1:9 (EndpointConnectionError); "
-                     f"1 events dropped, trying again in 0 s (new events wait, up to {cw.MAX_PENDING})"]
+                     f"1 events dropped, trying again in 0 s (new events wait, up to {logsink.MAX_PENDING})"]
     assert backoffs == [None]
 
 
@@ -366,7 +367,7 @@ def test_a_destination_that_cannot_be_found_is_the_cause() -> None:
     def resolve() -> cw.Destination:
         raise cw.SetupError("no region (instance metadata did not say); set region in [mount] of efs-utils.conf")
 
-    sink = cw.LogSink(resolve, lambda d: FakeLogs()).start()
+    sink = logsink.LogSink(resolve, lambda d: FakeLogs()).start()
     sink.emit("x")
     report = sink.close(10)
     assert report.cause == "setup: no region (instance metadata did not say); set region in [mount] of efs-utils.conf"
@@ -384,9 +385,9 @@ def test_a_vanished_stream_is_made_again() -> None:
 
 
 def test_rejected_events_are_counted_lost() -> None:
-    assert cw._rejected({"rejectedLogEventsInfo": {"tooOldLogEventEndIndex": 1}}, 4) == 2
-    assert cw._rejected({"rejectedLogEventsInfo": {"tooNewLogEventStartIndex": 3}}, 4) == 1
-    assert cw._rejected({}, 4) == 0
+    assert logsink._rejected({"rejectedLogEventsInfo": {"tooOldLogEventEndIndex": 1}}, 4) == 2
+    assert logsink._rejected({"rejectedLogEventsInfo": {"tooNewLogEventStartIndex": 3}}, 4) == 1
+    assert logsink._rejected({}, 4) == 0
 
 
 # --- where events come from ----------------------------------------------------------------
@@ -404,7 +405,7 @@ def test_supervisor_records_go_through_the_handler() -> None:
     sink = Collect()
     logger = logging.getLogger("efsplug.test-cloudwatch")
     logger.setLevel(logging.DEBUG)
-    handler = cw.SinkHandler(sink)  # type: ignore[arg-type]
+    handler = logsink.SinkHandler(sink)  # type: ignore[arg-type]
     logger.addHandler(handler)
     try:
         logger.debug("not this one")
@@ -433,8 +434,8 @@ def test_request_log_line_goes_to_the_sink() -> None:
 
 
 def test_start_sink_only_when_enabled() -> None:
-    assert cw.start_sink(parse_config("").config) is None
-    assert cw.start_sink(parse_config("[cloudwatch-log]\nenabled = false\n").config) is None
+    assert logsink.start_sink(parse_config("").config) is None
+    assert logsink.start_sink(parse_config("[cloudwatch-log]\nenabled = false\n").config) is None
 
 
 # --- the destination, with instance metadata off or scripted ----------------------------------
@@ -445,12 +446,12 @@ NO_IMDS = {"AWS_EC2_METADATA_DISABLED": "true"}
 def test_destination_region_order_and_names() -> None:
     config = parse_config("[mount]\nregion = eu-west-1\n[cloudwatch-log]\nenabled = true\n"
                           "log_group_name = /efs/{fs_id}\nretention_in_days = 7\n").config
-    d = cw.resolve_destination(config, fs_id=FS, region=None, log_name=cw.MOUNT_LOG, environ=NO_IMDS)
+    d = logsink.resolve_destination(config, fs_id=FS, region=None, log_name=cw.MOUNT_LOG, environ=NO_IMDS)
     assert d == cw.Destination("eu-west-1", f"/efs/{FS}", f"{FS} - mount.log", 7)
-    d = cw.resolve_destination(config, fs_id=FS, region="us-west-2", log_name=cw.MOUNT_LOG,
+    d = logsink.resolve_destination(config, fs_id=FS, region="us-west-2", log_name=cw.MOUNT_LOG,
                                environ={**NO_IMDS, "AWS_REGION": "ap-south-1"})
     assert d.region == "us-west-2"  # the mount's region= option first, as the mount itself
-    d = cw.resolve_destination(config, fs_id=None, region=None, log_name=cw.AGENT_LOG,
+    d = logsink.resolve_destination(config, fs_id=None, region=None, log_name=cw.AGENT_LOG,
                                environ={**NO_IMDS, "AWS_DEFAULT_REGION": "ca-central-1"})
     assert (d.region, d.group, d.stream) == ("ca-central-1", "/efs", "default - efsplug-agent.log")
 
@@ -458,7 +459,7 @@ def test_destination_region_order_and_names() -> None:
 def test_no_region_anywhere_is_a_setup_error() -> None:
     config = parse_config("[cloudwatch-log]\nenabled = true\n").config
     with pytest.raises(cw.SetupError, match="no region"):
-        cw.resolve_destination(config, fs_id=FS, region=None, log_name=cw.MOUNT_LOG, environ=NO_IMDS)
+        logsink.resolve_destination(config, fs_id=FS, region=None, log_name=cw.MOUNT_LOG, environ=NO_IMDS)
 
 
 class ScriptedImds:
@@ -466,7 +467,7 @@ class ScriptedImds:
         self.answer = answer
 
     def get(self, path: str) -> str:
-        assert path == cw.IDENTITY_DOCUMENT
+        assert path == logsink.IDENTITY_DOCUMENT
         if isinstance(self.answer, Exception):
             raise self.answer
         return self.answer
@@ -475,7 +476,7 @@ class ScriptedImds:
 def test_instance_id_from_the_identity_document() -> None:
     from efsplug.imds import MetadataUnavailable
 
-    assert cw._instance_id(ScriptedImds('{"instanceId": "i-0123456789abcdef0", "region": "x"}')) == "i-0123456789abcdef0"
-    assert cw._instance_id(ScriptedImds(MetadataUnavailable("off"))) is None
-    assert cw._instance_id(ScriptedImds("<html>")) is None
-    assert cw._instance_id(ScriptedImds('{"instanceId": "i-1 - x\\n"}')) is None  # not a name to put in a stream
+    assert logsink._instance_id(ScriptedImds('{"instanceId": "i-0123456789abcdef0", "region": "x"}')) == "i-0123456789abcdef0"
+    assert logsink._instance_id(ScriptedImds(MetadataUnavailable("off"))) is None
+    assert logsink._instance_id(ScriptedImds("<html>")) is None
+    assert logsink._instance_id(ScriptedImds('{"instanceId": "i-1 - x\\n"}')) is None  # not a name to put in a stream

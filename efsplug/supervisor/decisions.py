@@ -132,7 +132,12 @@ def _earliest(*times: Optional[float]) -> Optional[float]:
     return min(present) if present else None
 
 
-def decide(key: str, record: MountRecord, obs: Observation, track: Tracking, now: float, policy: Policy) -> Decision:
+def decide(key: str, record: MountRecord, obs: Observation, track: Tracking, now: float, policy: Policy,
+           wall: Optional[float] = None) -> Decision:
+    """What to do about one mount. now is the scheduler's clock (monotonic in the supervisor,
+    so a clock step cannot fire or stall its timers); wall, the wall clock at the same moment,
+    places the record's own times (certificate, mount time) on it. None: now is the wall clock."""
+    to_now = 0.0 if wall is None else now - wall
     if track.reaped:
         return Decision([], track, None)
     if obs.mounted:
@@ -141,7 +146,7 @@ def decide(key: str, record: MountRecord, obs: Observation, track: Tracking, now
     next_check = now + policy.check_interval if (obs.references is not None or record.netns) else None
     track = replace(track, next_check=next_check)
     if not obs.mounted and not obs.port_users:
-        return _gone(key, record, track, now, policy, refs_held, obs.kernel_connected)
+        return _gone(key, record, track, now, policy, refs_held, obs.kernel_connected, to_now)
     track = replace(track, gone_since=None)
     actions: List[Action] = []
     wakes: List[Optional[float]] = [next_check]
@@ -168,6 +173,7 @@ def decide(key: str, record: MountRecord, obs: Observation, track: Tracking, now
 
     renew_at = renewal_time(record, policy)
     if renew_at is not None:
+        renew_at += to_now
         due = max(renew_at, track.next_renew_attempt or renew_at)
         if now >= due:
             actions.append(Action(RENEW_CERT, key, "certificate renewal due" if track.revoked_since is None
@@ -201,7 +207,7 @@ def decide(key: str, record: MountRecord, obs: Observation, track: Tracking, now
 
 
 def _gone(key: str, record: MountRecord, track: Tracking, now: float, policy: Policy, refs_held: bool,
-          kernel_connected: bool = False) -> Decision:
+          kernel_connected: bool = False, to_now: float = 0.0) -> Decision:
     """The record's mount left the table and no mount uses its tunnel: reap after the grace."""
     gone_since = track.gone_since if track.gone_since is not None else now
     track = replace(track, gone_since=gone_since, state=PENDING_REAP, reason="not in the mount table")
@@ -211,7 +217,7 @@ def _gone(key: str, record: MountRecord, track: Tracking, now: float, policy: Po
     due = gone_since + policy.grace
     started = _ts(record.mount_time)
     if not track.seen_mounted and started is not None:
-        due = max(due, started + policy.settle)  # maybe mount.nfs4 is still running
+        due = max(due, started + to_now + policy.settle)  # maybe mount.nfs4 is still running
     if now < due:
         return Decision([], track, due)
     if kernel_connected:

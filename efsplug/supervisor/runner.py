@@ -58,7 +58,8 @@ class Supervisor(ObserveMixin, ActionsMixin):
         *,
         references: Optional[References] = None,
         environ: Optional[Mapping[str, str]] = None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,  # the timers' clock: no clock step moves it
+        wall_clock: Callable[[], float] = time.time,  # for the times records and files carry
         mount_reader: Optional[Callable[[], List[KernelMount]]] = None,
         orphan_min_age: float = ORPHAN_MIN_AGE,
         orphan_interval: Optional[float] = None,  # default: the health check interval, else 300 s
@@ -69,6 +70,7 @@ class Supervisor(ObserveMixin, ActionsMixin):
         self._references = references
         self._environ = os.environ if environ is None else environ
         self._clock = clock
+        self._wall = wall_clock
         self.cleanup_wait = cleanup.cleanup_wait(
             config, self._environ, load_ecs_config(ecs_config_path(self._environ), cleanup.NAMES))
         self.policy = d.policy_from(config, self.cleanup_wait.seconds)
@@ -275,7 +277,8 @@ class Supervisor(ObserveMixin, ActionsMixin):
         self._orphan_due = now + self._sweeper.interval  # a failed sweep must not be due forever
         self._sync_records(dirty)  # records any process wrote meanwhile are known before deciding
         known = [e.record.tunnel for e in self._entries.values() if e.record.tunnel is not None]
-        self._orphan_due = self._sweeper.sweep(known, now)
+        wall = self._wall()  # the sweeper ages processes and files by their wall-clock times
+        self._orphan_due = now + (self._sweeper.sweep(known, wall) - wall)
 
     def _schedule(self, e: _Entry, when: Optional[float]) -> None:
         if when is not None:
@@ -305,7 +308,7 @@ class Supervisor(ObserveMixin, ActionsMixin):
         if not obs.mounted and not obs.port_users and not (self.state_dir / e.key).exists():
             self._forget(e.key)  # released meanwhile by whoever unmounted it
             return
-        decision = d.decide(e.key, e.record, obs, e.tracking, now, self.policy)
+        decision = d.decide(e.key, e.record, obs, e.tracking, now, self.policy, wall=self._wall())
         e.tracking = decision.tracking
         for action in decision.actions:
             if action.kind == d.RESTART_TUNNEL and d.UNMOUNT in e.busy:

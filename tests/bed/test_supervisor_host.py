@@ -349,6 +349,30 @@ def test_unreferenced_volume_unmounted_after_cleanup_wait(state_dir, supervisors
         assert shown_state(state_dir, record) == d.OK
 
 
+@pytest.mark.parametrize("step", [3600.0, -3600.0])
+def test_a_wall_clock_step_neither_cuts_the_cleanup_wait_short_nor_holds_it(state_dir, supervisors, step):
+    """A VM's clock stepped an hour (chrony's makestep, a resume) right after the volume went
+    idle: the cleanup wait runs on the monotonic clock, so the idle volume is unmounted
+    neither at once nor an hour late."""
+    table = Table()
+    record = make_mount(state_dir, "/mnt/vol")
+    table.mount("/mnt/vol", record.port)
+    asked = threading.Event()
+    stepped = {"by": 0.0}
+
+    def references(mountpoint: str) -> int:
+        asked.set()
+        return 0
+
+    supervisors(config_for(state_dir, cleanup_wait_sec=3), mount_reader=table, references=references,
+                wall_clock=lambda: time.time() + stepped["by"])
+    assert asked.wait(10), "the supervisor never asked for the volume's references"
+    idle_from = time.monotonic()
+    stepped["by"] = step
+    wait_until(lambda: not state.record_path(state_dir, record).exists(), 15, "unmounted after the cleanup wait")
+    assert time.monotonic() - idle_from >= 2.0, "unmounted before its 3 s cleanup wait ran out"
+
+
 def test_renewal_and_revocation_with_a_profile(state_dir, supervisors, tmp_path):
     creds = tmp_path / "credentials"
     creds.write_text("[p]\naws_access_key_id = AKIAEXAMPLEEXAMPLE12\naws_secret_access_key = c2VjcmV0c2VjcmV0\n")

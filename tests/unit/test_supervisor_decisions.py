@@ -113,6 +113,42 @@ def test_renew_when_due_and_sleep_until_then():
     assert kinds(decide("k", r, MOUNTED, SEEN, due, POLICY)) == [(d.RENEW_CERT, False)]
 
 
+# The supervisor schedules on a monotonic clock (MONO below) and passes the wall clock
+# beside it: the record's wall-clock times are placed on the monotonic axis.
+MONO = 5000.0
+
+
+def test_renewal_is_placed_on_the_monotonic_clock():
+    r = iam_rec()
+    due = d.renewal_time(r, POLICY)
+    before = decide("k", r, MOUNTED, SEEN, MONO, POLICY, wall=due - 40)
+    assert before.actions == [] and before.wake_at == MONO + 40
+    assert kinds(decide("k", r, MOUNTED, SEEN, MONO + 40, POLICY, wall=due)) == [(d.RENEW_CERT, False)]
+
+
+@pytest.mark.parametrize("step", [-3600.0, -1.0, 1.0, 3600.0])
+def test_a_clock_step_moves_no_timer_of_the_supervisors_own(step: float):
+    """The cleanup wait, the reaping grace and back-offs run on the monotonic clock: a wall
+    clock stepped by an hour, either way, neither fires them early nor holds them back."""
+    idle = Observation(mounted=True, references=0)
+    waiting = decide("k", rec(), idle, SEEN, MONO, POLICY, wall=NOW)
+    assert waiting.actions == [] and waiting.wake_at == MONO + POLICY.check_interval
+    stepped = decide("k", rec(), idle, waiting.tracking, MONO + 599, POLICY, wall=NOW + 599 + step)
+    assert stepped.actions == []
+    assert kinds(decide("k", rec(), idle, stepped.tracking, MONO + 600, POLICY, wall=NOW + 600 + step)) == \
+        [(d.UNMOUNT, False)]
+    gone = decide("k", rec(), Observation(mounted=False), SEEN, MONO, POLICY, wall=NOW)
+    assert gone.actions == [] and gone.wake_at == MONO + POLICY.grace
+    assert decide("k", rec(), Observation(mounted=False), gone.tracking, MONO + 29, POLICY,
+                  wall=NOW + 29 + step).actions == []
+
+
+def test_a_mount_in_progress_settles_on_the_monotonic_clock():
+    r = rec(mount_time=T0)  # mount.efs wrote the record at NOW (wall)
+    first = decide("k", r, Observation(mounted=False), Tracking(), MONO, POLICY, wall=NOW)
+    assert first.actions == [] and first.wake_at == MONO + POLICY.settle
+
+
 def test_revoked_credentials_back_off_and_show():
     r = iam_rec(cert_not_before=T0 - timedelta(hours=4), cert_not_after=T0 + timedelta(minutes=1))
     track = SEEN

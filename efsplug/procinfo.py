@@ -14,6 +14,7 @@ is therefore its start in clock ticks since boot, within this boot (boot_id).
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -54,6 +55,13 @@ def boot_id() -> str:
             text = ""
         _boot_id = text if all(c in "0123456789abcdef-" for c in text) else ""
     return _boot_id
+
+
+def seconds_running(start_ticks: Optional[int]) -> float:
+    """How long a process that started at start_ticks has run, by the boot clock (0.0 if unknown)."""
+    if start_ticks is None:
+        return 0.0
+    return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / _CLK_TCK)
 
 
 def facts(pid: int) -> Optional[ProcessFacts]:

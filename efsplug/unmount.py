@@ -113,7 +113,7 @@ def release_leftovers(mountpoint: str, *, state_dir: Path) -> List[str]:
         if release(record, state_dir=state_dir):
             released.append(f"record {state.file_name(record)}")
     try:
-        dirs = release_unrecorded(state_dir, mountpoint, read_mounts(), time.time())
+        dirs = release_unrecorded(state_dir, mountpoint, read_mounts())
     except TunnelError as exc:
         raise UnmountError(f"cannot stop a tunnel left for {shown(mountpoint)}: {exc}") from None
     return released + [f"directory {name} (no record)" for name in dirs]

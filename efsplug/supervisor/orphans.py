@@ -32,7 +32,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tupl
 
 import psutil
 
-from efsplug import state, tunnelhost
+from efsplug import procinfo, state, tunnelhost
 from efsplug.mounttable import KernelMount, ports_in_use
 from efsplug.stunnel import MARKER
 from efsplug.supervisor.tunnels import is_stunnel
@@ -118,9 +118,10 @@ def marked_port(config: str) -> Tuple[bool, Optional[int]]:
     return True, int(found.group(1)) if found else None
 
 
-def candidates(state_dir: Path, known: Iterable[TunnelIdentity], now: float,
+def candidates(state_dir: Path, known: Iterable[TunnelIdentity],
                foreign: Optional[Callable[[int, str], None]] = None) -> List[Candidate]:
-    """efsplug's own live tunnels (proven as above) whose identity no loaded record holds.
+    """efsplug's own live tunnels (proven as above) whose identity no loaded record holds,
+    each aged by the boot clock (a wall-clock step would age a tunnel just started).
 
     foreign(pid, config) is told of each stunnel under state_dir that is not provably
     efsplug's: it is left alone, whatever it is.
@@ -150,7 +151,7 @@ def candidates(state_dir: Path, known: Iterable[TunnelIdentity], now: float,
         if identity.cmdline != cmdline:
             continue  # it exec'd something else meanwhile
         assert stem is not None
-        found.append(Candidate(identity, stem, port, now - identity.create_time))
+        found.append(Candidate(identity, stem, port, procinfo.seconds_running(identity.start_ticks)))
     return found
 
 
@@ -182,7 +183,7 @@ class Sweeper:
             tell(pid, f"leaving tunnel pid {pid} ({config}) alone: not started by efsplug")
 
         ports_used: Optional[Set[int]] = None
-        for c in candidates(self.state_dir, known, now, foreign):
+        for c in candidates(self.state_dir, known, foreign):
             if ports_used is None:
                 ports_used = set(ports_in_use(self._read_mounts()))  # fresh, once per sweep
             # Looked for last, right before deciding: a record saved a moment ago counts.
@@ -283,7 +284,7 @@ def tunnel_dirs(records: Iterable[state.MountRecord]) -> Set[str]:
     return {os.path.basename(os.path.dirname(r.config_file)) for r in records if r.config_file}
 
 
-def release_unrecorded(state_dir: Path, mountpoint: str, mounts: List[KernelMount], now: float) -> List[str]:
+def release_unrecorded(state_dir: Path, mountpoint: str, mounts: List[KernelMount]) -> List[str]:
     """Remove mountpoint's per-mount directories that no record names, after stopping
     efsplug's tunnel running from one; one whose port a kernel mount uses is left alone.
 
@@ -297,7 +298,7 @@ def release_unrecorded(state_dir: Path, mountpoint: str, mounts: List[KernelMoun
              if not state.claimed(state_dir, stem) and stem not in joined and int(stem.rsplit(".", 1)[1]) not in used]
     if not stems:
         return []
-    for c in candidates(state_dir, (), now):
+    for c in candidates(state_dir, ()):
         if c.stem in stems:
             tunnel = Tunnel.from_identity(c.identity)
             if tunnel is not None:

@@ -14,6 +14,15 @@ from efsplug import procinfo
 from efsplug.tunnel import TunnelIdentity
 
 
+def running_child() -> subprocess.Popen:
+    """A child that has run its own code: right after fork+exec its /proc cmdline can still
+    read empty, and an identity taken then names no process."""
+    child = subprocess.Popen([sys.executable, "-c", "import sys; print('up', flush=True); sys.stdin.read()"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert child.stdout.readline() == b"up\n"
+    return child
+
+
 @pytest.mark.parametrize("pid", [1, os.getpid()])
 def test_start_time_and_command_line_equal_psutil(pid: int) -> None:
     # psutil adds the boot time it read last; read it afresh so both sides use one reading
@@ -36,7 +45,7 @@ def test_boot_id_is_the_kernels() -> None:
 def test_an_identity_survives_a_clock_step(monkeypatch: pytest.MonkeyPatch) -> None:
     """btime moves when the wall clock is stepped (the CI failure: two reads one second
     apart); an identity taken before the step must still name its process after it."""
-    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    child = running_child()
     try:
         identity = TunnelIdentity.of(child.pid)
         monkeypatch.setattr(procinfo, "_boot_time", procinfo.boot_time() + 1.0)
@@ -49,11 +58,12 @@ def test_an_identity_survives_a_clock_step(monkeypatch: pytest.MonkeyPatch) -> N
     finally:
         child.stdin.close()
         child.wait()
+        child.stdout.close()
 
 
 def test_an_identity_without_start_ticks_compares_by_create_time() -> None:
     """Records written before start_ticks existed still name their tunnel."""
-    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    child = running_child()
     try:
         taken = TunnelIdentity.of(child.pid)
         old = TunnelIdentity(child.pid, taken.create_time, taken.cmdline)
@@ -62,10 +72,11 @@ def test_an_identity_without_start_ticks_compares_by_create_time() -> None:
     finally:
         child.stdin.close()
         child.wait()
+        child.stdout.close()
 
 
 def test_an_identity_taken_here_matches_psutil_and_a_restart_does_not() -> None:
-    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    child = running_child()
     try:
         identity = TunnelIdentity.of(child.pid)
         assert identity.matches(psutil.Process(child.pid)) and identity.running()
@@ -74,6 +85,7 @@ def test_an_identity_taken_here_matches_psutil_and_a_restart_does_not() -> None:
     finally:
         child.stdin.close()
         child.wait()
+        child.stdout.close()
     assert not identity.running()
 
 
@@ -88,3 +100,19 @@ def test_a_zombie_is_not_running_and_a_missing_pid_has_no_facts() -> None:
     finally:
         child.wait()
     assert procinfo.facts(child.pid) is None
+
+
+def test_seconds_running_is_counted_by_the_boot_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Orphan tunnels are aged by it: a wall-clock step must not make a new tunnel look old."""
+    child = running_child()
+    try:
+        ticks = procinfo.facts(child.pid).start_ticks
+        first = procinfo.seconds_running(ticks)
+        assert 0.0 <= first < 30.0
+        monkeypatch.setattr(procinfo, "_boot_time", procinfo.boot_time() - 3600.0)  # as after a step
+        assert first <= procinfo.seconds_running(ticks) < first + 30.0
+        assert procinfo.seconds_running(None) == 0.0
+    finally:
+        child.stdin.close()
+        child.wait()
+        child.stdout.close()

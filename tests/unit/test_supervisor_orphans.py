@@ -117,6 +117,6 @@ def test_release_unrecorded_removes_only_unclaimed_unused_directories(tmp_path: 
     (tmp_path / (recorded + ".json")).write_text("{}")
     in_use = _dir_of(tmp_path, "/v/a", 20051)  # another mount talks through its port
     other = _dir_of(tmp_path, "/v/b", 20052)
-    assert release_unrecorded(tmp_path, "/v/a", [_nfs("/v/c", 20051)], 0.0) == [cut]
+    assert release_unrecorded(tmp_path, "/v/a", [_nfs("/v/c", 20051)]) == [cut]
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == sorted([recorded, in_use, other])
-    assert release_unrecorded(tmp_path, "/v/a", [], 0.0) == [in_use]
+    assert release_unrecorded(tmp_path, "/v/a", []) == [in_use]

@@ -70,8 +70,9 @@ def left_behind(bed: Bed) -> List[str]:
 def test_a_healthy_setup_passes_every_check_and_leaves_nothing(clean_guest: Bed, agent: GuestAgent,
                                                                 access_point: str) -> None:
     bed = clean_guest
+    before = len(bed.endpoint.connection_events())
     rc, out = doctor(bed, f"tls,iam,accesspoint={access_point}")
-    assert rc == 0, out
+    assert rc == 0, out + "\nthe endpoint saw: " + json.dumps(bed.endpoint.connection_events()[before:])
     assert "FAIL" not in out and out.rstrip().endswith("all checks passed"), out
     for name in ("stunnel", "kernel-nfs", "state-dir", "ports", "ecs-efsauth", "plugin-socket", "imds", "region",
                  "dns", "port-2049", "credentials", "access-point", "nfs"):

@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Dict, List, Optional
 
 from efsbed import procs
-from efsbed.ganesha import GANESHA, AllSquash, ganesha_config
+from efsbed.ganesha import GANESHA, AllSquash, ganesha_config, log_size, wait_serving
 
 ACCESS_POINT_NOT_FOUND = "access point not found"
 OTHER_FILE_SYSTEM = "access point belongs to another file system"
@@ -105,7 +105,7 @@ class ChildGanesha:
     access_point: str
     port: int
     export_dir: Path
-    process: procs.BedProcess  # for wait_for_port's liveness check and log tail
+    process: procs.BedProcess  # for wait_serving's liveness check and log tail
 
     def alive(self) -> bool:
         return self.process.alive()
@@ -169,6 +169,7 @@ class DynamicExports:
         argv = [GANESHA, "-F", "-f", str(config_path), "-L", str(workdir / "ganesha.log"),
                 "-p", str(workdir / "ganesha.pid")]
         stdout = workdir / "ganesha.stdout"
+        since = log_size(workdir / "ganesha.log")
         with self._registry:
             if self._closing:
                 raise AccessPointRefused("endpoint is stopping")
@@ -179,7 +180,7 @@ class DynamicExports:
             child = ChildGanesha(ap.id, port, export_dir, procs.BedProcess(f"ganesha-{ap.id}", popen, stdout))
             self._exports[ap.id] = child
         try:
-            procs.wait_for_port(port, timeout=GANESHA_START_TIMEOUT, process=child.process)
+            wait_serving(port, workdir / "ganesha.log", child.process, timeout=GANESHA_START_TIMEOUT, since=since)
         except (RuntimeError, TimeoutError) as e:
             child.terminate()
             child.reap()

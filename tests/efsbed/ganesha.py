@@ -6,6 +6,7 @@ each on its own loopback port; the host kernel has no NFS server of its own.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -64,6 +65,40 @@ EXPORT {{
 """
 
 
+INITIALIZED = b"NFS SERVER INITIALIZED"  # ganesha's log line once its worker threads serve
+
+
+def log_size(log_path: Path) -> int:
+    """Where this start's log lines will begin: a restart appends to the same log."""
+    try:
+        return log_path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def wait_serving(port: int, log_path: Path, process: procs.BedProcess, timeout: float, since: int = 0) -> None:
+    """Wait until ganesha accepts on port and says it serves. Listening comes first: its
+    sockets are bound before its worker threads start, and a connection routed to it in
+    between was seen reset (the doctor's single NFS NULL call, under load)."""
+    deadline = time.monotonic() + timeout
+    procs.wait_for_port(port, timeout=timeout, process=process)
+    delay = 0.005
+    while True:
+        try:
+            with open(log_path, "rb") as f:
+                f.seek(since)
+                if INITIALIZED in f.read():
+                    return
+        except FileNotFoundError:
+            pass
+        if not process.alive():
+            raise RuntimeError(f"{process.name} exited before it served:\n{process.log_tail()}")
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"ganesha on port {port} did not log {INITIALIZED.decode()!r} within {timeout}s")
+        time.sleep(delay)  # back-off between reads of its log, not a fixed wait
+        delay = min(delay * 2, 0.1)
+
+
 class Ganesha(procs.Service):
     name = 'ganesha'
 
@@ -83,6 +118,7 @@ class Ganesha(procs.Service):
         self.export_dir.mkdir(parents=True, exist_ok=True)
         recovery = self.workdir / "recovery"
         recovery.mkdir(exist_ok=True)
+        since = log_size(self.log_path)
         self._port = procs.free_port()
         self.config_path.write_text(
             ganesha_config(port=self._port, export_dir=self.export_dir.resolve(), recovery_dir=recovery)
@@ -93,7 +129,7 @@ class Ganesha(procs.Service):
             tag=self.tag, log=self.workdir / "ganesha.stdout",
         )
         try:
-            procs.wait_for_port(self._port, timeout=30.0, process=self._process)
+            wait_serving(self._port, self.log_path, self._process, timeout=30.0, since=since)
         except BaseException as e:
             self.stop()
             raise RuntimeError(f"ganesha did not start: {e}\n{self.log_tail()}") from e

@@ -277,7 +277,7 @@ class Supervisor(ObserveMixin, ActionsMixin):
         self._orphan_due = now + self._sweeper.interval  # a failed sweep must not be due forever
         self._sync_records(dirty)  # records any process wrote meanwhile are known before deciding
         known = [e.record.tunnel for e in self._entries.values() if e.record.tunnel is not None]
-        wall = self._wall()  # the sweeper ages processes and files by their wall-clock times
+        wall = self._wall()  # the sweeper ages shared-process sections by their links' wall-clock mtimes
         self._orphan_due = now + (self._sweeper.sweep(known, wall) - wall)
 
     def _schedule(self, e: _Entry, when: Optional[float]) -> None:

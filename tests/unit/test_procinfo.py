@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import subprocess
 import sys
+from typing import Iterator
 
 import psutil
 import pytest
@@ -14,13 +16,19 @@ from efsplug import procinfo
 from efsplug.tunnel import TunnelIdentity
 
 
-def running_child() -> subprocess.Popen:
-    """A child that has run its own code: right after fork+exec its /proc cmdline can still
-    read empty, and an identity taken then names no process."""
+@contextlib.contextmanager
+def running_child() -> Iterator[subprocess.Popen]:
+    """A child that has run its own code (right after fork+exec its /proc cmdline can still
+    read empty, and an identity taken then names no process); ended and reaped on exit."""
     child = subprocess.Popen([sys.executable, "-c", "import sys; print('up', flush=True); sys.stdin.read()"],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    assert child.stdout.readline() == b"up\n"
-    return child
+    try:
+        assert child.stdout.readline() == b"up\n"
+        yield child
+    finally:
+        child.stdin.close()
+        child.wait()
+        child.stdout.close()
 
 
 @pytest.mark.parametrize("pid", [1, os.getpid()])
@@ -45,8 +53,7 @@ def test_boot_id_is_the_kernels() -> None:
 def test_an_identity_survives_a_clock_step(monkeypatch: pytest.MonkeyPatch) -> None:
     """btime moves when the wall clock is stepped (the CI failure: two reads one second
     apart); an identity taken before the step must still name its process after it."""
-    child = running_child()
-    try:
+    with running_child() as child:
         identity = TunnelIdentity.of(child.pid)
         monkeypatch.setattr(procinfo, "_boot_time", procinfo.boot_time() + 1.0)
         assert abs(TunnelIdentity.of(child.pid).create_time - identity.create_time - 1.0) < 1e-6
@@ -55,37 +62,23 @@ def test_an_identity_survives_a_clock_step(monkeypatch: pytest.MonkeyPatch) -> N
         assert not recycled.running() and not recycled.owns_pid()
         other_boot = dataclasses.replace(identity, boot_id="00000000-0000-0000-0000-000000000000")
         assert not other_boot.running()
-    finally:
-        child.stdin.close()
-        child.wait()
-        child.stdout.close()
 
 
 def test_an_identity_without_start_ticks_compares_by_create_time() -> None:
     """Records written before start_ticks existed still name their tunnel."""
-    child = running_child()
-    try:
+    with running_child() as child:
         taken = TunnelIdentity.of(child.pid)
         old = TunnelIdentity(child.pid, taken.create_time, taken.cmdline)
         assert old.running()
         assert not TunnelIdentity(child.pid, taken.create_time + 1.0, taken.cmdline).running()
-    finally:
-        child.stdin.close()
-        child.wait()
-        child.stdout.close()
 
 
 def test_an_identity_taken_here_matches_psutil_and_a_restart_does_not() -> None:
-    child = running_child()
-    try:
+    with running_child() as child:
         identity = TunnelIdentity.of(child.pid)
         assert identity.matches(psutil.Process(child.pid)) and identity.running()
         other = dataclasses.replace(identity, start_ticks=identity.start_ticks + 100)  # a recycled pid
         assert not other.running()
-    finally:
-        child.stdin.close()
-        child.wait()
-        child.stdout.close()
     assert not identity.running()
 
 
@@ -104,15 +97,10 @@ def test_a_zombie_is_not_running_and_a_missing_pid_has_no_facts() -> None:
 
 def test_seconds_running_is_counted_by_the_boot_clock(monkeypatch: pytest.MonkeyPatch) -> None:
     """Orphan tunnels are aged by it: a wall-clock step must not make a new tunnel look old."""
-    child = running_child()
-    try:
+    with running_child() as child:
         ticks = procinfo.facts(child.pid).start_ticks
         first = procinfo.seconds_running(ticks)
         assert 0.0 <= first < 30.0
         monkeypatch.setattr(procinfo, "_boot_time", procinfo.boot_time() - 3600.0)  # as after a step
         assert first <= procinfo.seconds_running(ticks) < first + 30.0
         assert procinfo.seconds_running(None) == 0.0
-    finally:
-        child.stdin.close()
-        child.wait()
-        child.stdout.close()

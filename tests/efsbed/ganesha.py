@@ -82,21 +82,17 @@ def wait_serving(port: int, log_path: Path, process: procs.BedProcess, timeout: 
     between was seen reset (the doctor's single NFS NULL call, under load)."""
     deadline = time.monotonic() + timeout
     procs.wait_for_port(port, timeout=timeout, process=process)
-    delay = 0.005
-    while True:
+
+    def logged() -> bool:
         try:
             with open(log_path, "rb") as f:
                 f.seek(since)
-                if INITIALIZED in f.read():
-                    return
+                return INITIALIZED in f.read()
         except FileNotFoundError:
-            pass
-        if not process.alive():
-            raise RuntimeError(f"{process.name} exited before it served:\n{process.log_tail()}")
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"ganesha on port {port} did not log {INITIALIZED.decode()!r} within {timeout}s")
-        time.sleep(delay)  # back-off between reads of its log, not a fixed wait
-        delay = min(delay * 2, 0.1)
+            return False
+
+    procs.wait_until(logged, max(0.0, deadline - time.monotonic()),
+                     f"ganesha on port {port} to log {INITIALIZED.decode()!r}", process=process, max_delay=0.1)
 
 
 class Ganesha(procs.Service):

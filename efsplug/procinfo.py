@@ -44,6 +44,11 @@ def boot_time() -> float:
     return _boot_time
 
 
+def is_boot_id(text: str) -> bool:
+    """text looks like the kernel's boot_id (a UUID: lower-case hex and dashes)."""
+    return 0 < len(text) <= 64 and all(c in "0123456789abcdef-" for c in text)
+
+
 def boot_id() -> str:
     """This boot's random id (empty if the kernel has none): start ticks compare only within one boot."""
     global _boot_id
@@ -53,7 +58,7 @@ def boot_id() -> str:
                 text = f.read(64).decode("ascii", "replace").strip()
         except OSError:
             text = ""
-        _boot_id = text if all(c in "0123456789abcdef-" for c in text) else ""
+        _boot_id = text if is_boot_id(text) else ""
     return _boot_id
 
 

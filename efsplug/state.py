@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from efsplug import procinfo
 from efsplug.errors import shown
 from efsplug.fsutil import atomic_write, ensure_dir, fsync_dir, is_temp_name, leftover_temp_files
 from efsplug.tunnel import TunnelIdentity
@@ -40,7 +41,6 @@ MAX_RECORD_BYTES = 64 * 1024
 _MAX_DEPTH = 8  # a record nests 3 deep (record > tunnel > cmdline)
 _MAX_NUMBER_CHARS = 32  # pids, ports, versions and times; a longer number is no record's
 _MAX_CMDLINE = 64
-_BOOT_ID = re.compile(r"[0-9a-f-]{1,64}")  # /proc/sys/kernel/random/boot_id: a UUID
 PID_MAX = 1 << 22  # the kernel's PID_MAX_LIMIT: no pid is larger
 _TIME_RANGE = (datetime(1970, 1, 1, tzinfo=timezone.utc), datetime(9000, 1, 1, tzinfo=timezone.utc))
 _STRING_OR_ESCAPE = re.compile(rb'"(?:[^"\\]|\\.)*"')
@@ -365,7 +365,7 @@ def parse_identity(value: object) -> Optional[TunnelIdentity]:
     if start_ticks is not None:
         if not isinstance(start_ticks, int) or isinstance(start_ticks, bool) or not 0 <= start_ticks < 2**63:
             raise StateError(f"tunnel start_ticks must be a count of clock ticks, got {shown(start_ticks)}")
-        if not isinstance(boot_id, str) or not _BOOT_ID.fullmatch(boot_id):
+        if not isinstance(boot_id, str) or not procinfo.is_boot_id(boot_id):
             raise StateError(f"tunnel boot_id must be a boot id like the kernel's, got {shown(boot_id)}")
     return TunnelIdentity(
         pid=pid, create_time=float(create_time), cmdline=tuple(cmdline), start_ticks=start_ticks, boot_id=boot_id,
